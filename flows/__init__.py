@@ -1,0 +1,1 @@
+"""Thin Prefect flows over the stages, and the `ebft` command line."""

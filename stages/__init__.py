@@ -1,0 +1,1 @@
+"""Pipeline stages as plain functions: callable and testable without Prefect."""

@@ -1,0 +1,81 @@
+"""Dense activation capture: every block boundary's hidden states, streamed into Zarr.
+
+Blocks run one at a time: boundary l is read back from the store in batches, pushed
+through block l on the device, and written as boundary l+1. Peak memory is one block plus
+one batch of activations, whatever the model's depth. Every sparsity configuration of the
+same model and calibration set reuses this store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import stages.architecture as arch
+import store.activations as acts
+from store import Artifact, Store, code_version, digest_json
+from stages.progress import Progress
+
+ZARR_NAME = "activations.zarr"
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    model_digest: str
+    calibration_key: str
+    dtype: str = "float32"  # compute precision
+    batch_size: int = 8
+
+    def key(self) -> str:
+        import stages.capture as me
+
+        # batch size changes nothing stored, so it stays out of the key
+        params = {k: v for k, v in asdict(self).items() if k != "batch_size"}
+        return digest_json({**params, "code": code_version(me, arch, acts)})[:32]
+
+
+@torch.inference_mode()
+def capture_dense(model, tokens: torch.Tensor, out: Path, device: torch.device,
+                  dtype: torch.dtype, storage: torch.dtype, batch_size: int,
+                  attrs: dict) -> None:
+    blocks = arch.decoder_blocks(model)
+    n = len(tokens)
+    batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    group = acts.create(out, len(blocks) + 1, (n, tokens.shape[1], model.config.hidden_size),
+                        storage, attrs)
+    progress = Progress("dense capture (blocks)", len(blocks))
+    kwargs_for: dict[int, dict] = {}  # block kwargs depend only on the batch shape
+    for start, stop in batches:
+        hidden, kwargs = arch.block_inputs(model, tokens[start:stop])
+        acts.write(group, 0, start, hidden)
+        kwargs_for.setdefault(stop - start, arch.to_device(kwargs, device, dtype))
+    for index, block in enumerate(blocks):
+        block.to(device)
+        for start, stop in batches:
+            x = acts.read(group, index, start, stop).to(device, dtype)
+            acts.write(group, index + 1, start, arch.run_block(block, x, kwargs_for[stop - start]))
+        block.to("cpu")
+        progress.update(index + 1)
+
+
+def build(store: Store, spec: CaptureSpec, model_loader, calibration: Artifact,
+          device: torch.device) -> Artifact:
+    """Capture the dense activations for a calibration set, unless already stored."""
+    from stages import calibration as calib
+    from stages.devices import DTYPES, storage_dtype
+
+    key = spec.key()
+    if found := store.get("activations", key):
+        return found
+    dtype = DTYPES[spec.dtype]
+    model = model_loader(dtype)
+    tokens = calib.load(calibration)
+    storage = storage_dtype(dtype)
+    attrs = {**asdict(spec), "model_type": model.config.model_type,
+             "storage_dtype": str(storage).removeprefix("torch.")}
+    with store.writing("activations", key) as tmp:
+        capture_dense(model, tokens, tmp / ZARR_NAME, device, dtype, storage, spec.batch_size,
+                      attrs)
+    return store.get("activations", key)

@@ -1,0 +1,89 @@
+"""Text corpora: a local data directory laid out like ``shared/data``, else the Hub.
+
+Local layout (see the data directory's SOURCES.md):
+  wikitext-2-raw-v1/wiki.test.raw   the raw Wikitext-2 test file
+  c4/**/*.json.gz, c4/**/*.jsonl.gz C4 documents, one JSON object with "text" per line
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from store.hashing import digest_bytes, digest_path
+from stages.errors import UserError
+
+ENV_VAR = "EBFT_DATA_DIR"
+_FIX = (f"pass --data-dir DIR (or set {ENV_VAR}) to a folder laid out like shared/data, "
+        "or go online so the Hub's datasets can be downloaded")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    texts: list[str]
+    digest: str  # identifies the content, for cache keys
+    source: str  # where it came from, for reports
+
+
+def data_dir(flag: str | None = None) -> Path | None:
+    """The data directory from the flag, else the environment, else None (use the Hub)."""
+    value = flag or os.environ.get(ENV_VAR)
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise UserError(f"data directory {path} does not exist; {_FIX}")
+    return path
+
+
+def wikitext_rows(raw: str) -> list[str]:
+    """Rows as the Hub's wikitext-2-raw-v1 has them: a line plus newline, or '' for blanks."""
+    return [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]
+
+
+def wikitext2_test(directory: Path | None) -> Corpus:
+    """The Wikitext-2 raw test split as one string joined with blank lines (the ppl protocol)."""
+    if directory is not None:
+        path = directory / "wikitext-2-raw-v1" / "wiki.test.raw"
+        if not path.is_file():
+            raise UserError(f"{path} is missing; {_FIX}")
+        rows = wikitext_rows(path.read_text(encoding="utf-8"))
+        source = str(path)
+    else:
+        rows = _from_hub(lambda ds: ds.load_dataset("wikitext", "wikitext-2-raw-v1",
+                                                    split="test")["text"], "wikitext")
+        source = "hub:wikitext/wikitext-2-raw-v1/test"
+    text = "\n\n".join(rows)
+    return Corpus([text], digest_bytes(text.encode()), source)
+
+
+def c4_documents(directory: Path | None) -> Corpus:
+    """C4 English documents for calibration: every C4 file under the data dir, sorted by path."""
+    if directory is not None:
+        files = sorted([*(directory / "c4").rglob("*.json.gz"),
+                        *(directory / "c4").rglob("*.jsonl.gz")])
+        if not files:
+            raise UserError(f"no C4 files (*.json.gz) under {directory / 'c4'}; {_FIX}")
+        texts = []
+        for f in files:
+            with gzip.open(f, "rt", encoding="utf-8") as lines:
+                texts += [json.loads(line)["text"] for line in lines if line.strip()]
+        digest = digest_bytes("".join(digest_path(f) for f in files).encode())
+        return Corpus(texts, digest, ", ".join(str(f) for f in files))
+    shard = "en/c4-train.00000-of-01024.json.gz"
+    texts = _from_hub(lambda ds: ds.load_dataset("allenai/c4", data_files={"train": shard},
+                                                 split="train")["text"], "allenai/c4")
+    return Corpus(texts, digest_bytes("\n".join(texts).encode()), f"hub:allenai/c4/{shard}")
+
+
+def _from_hub(load, name: str) -> list[str]:
+    import datasets
+
+    try:
+        return list(load(datasets))
+    except Exception as err:  # offline, or the Hub refused
+        raise UserError(f"no data directory given and the Hub dataset {name} could not be "
+                        f"loaded ({type(err).__name__}); {_FIX}") from err
