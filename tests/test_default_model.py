@@ -1,0 +1,18 @@
+"""The real default model, end to end (slow: converts the GGUF once, ~1-2 minutes)."""
+
+import pytest
+
+from flows.dense import DenseConfig, dense_flow
+
+
+@pytest.mark.slow
+def test_smollm2_dense_pipeline_runs_and_caches(prefect_server, tmp_path, shared_data):
+    cfg = DenseConfig(store=str(tmp_path / "store"), data_dir=str(shared_data), nsamples=2,
+                      seqlen=128, eval_windows=1, batch_size=2)
+    first = dense_flow(cfg)
+    assert set(first["states"].values()) == {"Completed"}
+    # SmolLM2-135M(-Instruct, Q4_1): a sane language model, far from a random one (~49k)
+    assert 5 < first["perplexity"]["perplexity"] < 40
+    assert first["perplexity"]["windows_total"] > 100
+    again = dense_flow(cfg)
+    assert set(again["states"].values()) == {"Cached"}
