@@ -53,10 +53,11 @@ def model_files(folder: Path) -> list[Path]:
 
 def model_digest(folder: Path, store: Store) -> str:
     """Digest of the model's files; each file's digest is remembered by (path, size, mtime)."""
-    parts = [f"{f.name}:{_cached_file_digest(f, store)}" for f in model_files(Path(folder))]
-    if not any(p.startswith(("model", "pytorch_model")) or ".safetensors" in p for p in parts):
+    files = model_files(Path(folder))
+    if not any(f.suffix == ".safetensors" for f in files):
         raise UserError(f"model folder {folder} has no *.safetensors weights; save the model "
                         "with save_pretrained(safe_serialization=True)")
+    parts = [f"{f.name}:{_cached_file_digest(f, store)}" for f in files]
     return digest_bytes("\n".join(parts).encode())
 
 

@@ -61,3 +61,34 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(prefect_server, tmp_path
     assert len(err) == 1 and match in err[0] and err[0].startswith("ebft: error:")
     written = [p for p in store.rglob("*") if p.is_file()] if store.exists() else []
     assert [p for p in written if "file-digests" not in p.parts] == []
+
+
+def test_two_concurrent_runs_compute_each_stage_once(prefect_server, tmp_path, data_dir,
+                                                     monkeypatch):
+    import threading
+
+    from stages import calibration, capture
+
+    calls = {"calibration": 0, "capture": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(calibration, "sample_windows",
+                        counted("calibration", calibration.sample_windows))
+    monkeypatch.setattr(capture, "capture_dense", counted("capture", capture.capture_dense))
+    model = build_tiny_model(tmp_path / "model")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(run(tmp_path / "store", model,
+                                                                  data_dir)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2
+    assert calls == {"calibration": 1, "capture": 1}
+    assert results[0]["activations"] == results[1]["activations"]
