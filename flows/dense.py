@@ -67,7 +67,7 @@ def prepare(cfg: DenseConfig) -> dict:
     model = resolve_model(cfg.model, store)
     context = load_model_config(model).get("max_position_embeddings")
     calibration.validate(cfg.nsamples, cfg.seqlen, context)
-    calibration.validate(1, cfg.eval_seqlen, context)
+    calibration.validate(1, cfg.eval_seqlen, context, "--eval-seqlen")
     return {"store": store, "directory": directory, "device": device, "dtype": dtype,
             "model": model}
 

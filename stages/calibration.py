@@ -32,14 +32,15 @@ class CalibrationSpec:
         return digest_json({**asdict(self), "code": code_version(me)})[:32]
 
 
-def validate(nsamples: int, seqlen: int, max_context: int | None) -> None:
+def validate(nsamples: int, seqlen: int, max_context: int | None,
+             seqlen_flag: str = "--seqlen") -> None:
     if nsamples <= 0:
         raise UserError(f"--nsamples {nsamples}: must be a positive number of calibration windows")
     if seqlen <= 1:
-        raise UserError(f"--seqlen {seqlen}: must be at least 2 tokens")
+        raise UserError(f"{seqlen_flag} {seqlen}: must be at least 2 tokens")
     if max_context is not None and seqlen > max_context:
-        raise UserError(f"--seqlen {seqlen} exceeds the model's context of {max_context} tokens; "
-                        f"choose --seqlen <= {max_context}")
+        raise UserError(f"{seqlen_flag} {seqlen} exceeds the model's context of {max_context} "
+                        f"tokens; choose {seqlen_flag} <= {max_context}")
 
 
 def sample_windows(token_lists: list[list[int]], nsamples: int, seqlen: int,

@@ -49,7 +49,9 @@ def test_deleted_artifact_is_recomputed_not_trusted(prefect_server, tmp_path, da
     (["--model", "/no/such/model"], "no such folder and not a hub id"),
     (["--data-dir", "/no/such/dir"], "does not exist; pass --data-dir"),
     (["--nsamples", "-3"], "--nsamples -3: must be a positive"),
-    (["--seqlen", "100000"], "exceeds the model's context"),
+    (["--seqlen", "100000"], "--seqlen 100000 exceeds the model's context"),
+    (["--eval-seqlen", "100000"], "--eval-seqlen 100000 exceeds the model's context"),
+    (["--dtype", "float8"], "--dtype 'float8' is unknown"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(prefect_server, tmp_path, data_dir,
                                                         tiny_model, capsys, args, match):

@@ -1,0 +1,75 @@
+"""Sparsity patterns, the method registry, and keep-masks from importance scores."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from stages.errors import UserError
+
+METHODS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register(name: str):
+    def add(fn):
+        METHODS[name] = fn
+        return fn
+    return add
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Unstructured at ``sparsity`` (fraction pruned), or N:M: N of every M inputs pruned."""
+
+    sparsity: float = 0.5
+    n: int = 0
+    m: int = 0
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+
+def parse_pattern(sparsity: float, nm: str | None = None) -> Pattern:
+    if nm:
+        match = re.fullmatch(r"(\d+):(\d+)", nm.strip())
+        if not match:
+            raise UserError(f"--pattern {nm!r} is not N:M; write it like 2:4 or 4:8")
+        n, m = int(match[1]), int(match[2])
+        if not 0 < n < m:
+            raise UserError(f"--pattern {nm}: N:M needs 0 < N < M (N of every M weights pruned)")
+        return Pattern(n / m, n, m)
+    if not 0 <= sparsity < 1:
+        raise UserError(f"--sparsity {sparsity}: must be in [0, 1), the fraction pruned")
+    return Pattern(sparsity)
+
+
+def keep_from_scores(scores: torch.Tensor, pattern: Pattern, per_row: bool) -> torch.Tensor:
+    """Keep the highest scores: per row, over the whole matrix, or in each N:M input group."""
+    rows, cols = scores.shape
+    if pattern.is_nm:
+        if cols % pattern.m:
+            raise UserError(f"N:M {pattern.n}:{pattern.m} needs input size {cols} divisible by "
+                            f"{pattern.m}")
+        groups = scores.reshape(rows, cols // pattern.m, pattern.m)
+        drop = groups.topk(pattern.n, dim=-1, largest=False).indices
+        keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
+        return keep.reshape(rows, cols)
+    if per_row:
+        n_drop = int(cols * pattern.sparsity)
+        drop = scores.topk(n_drop, dim=1, largest=False).indices
+        return torch.ones_like(scores, dtype=torch.bool).scatter_(1, drop, False)
+    n_drop = int(scores.numel() * pattern.sparsity)
+    drop = scores.flatten().topk(n_drop, largest=False).indices
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    keep[drop] = False
+    return keep.reshape(rows, cols)
+
+
+def sparsify(method: str, weight: torch.Tensor, pattern: Pattern, **stats) -> torch.Tensor:
+    if method not in METHODS:
+        raise UserError(f"--method {method!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[method](weight, pattern, **stats)

@@ -1,0 +1,10 @@
+"""Magnitude pruning: the smallest |W| over the whole layer go (Han et al., 2015)."""
+
+import torch
+
+from stages.masks.core import Pattern, keep_from_scores, register
+
+
+@register("magnitude")
+def magnitude(weight: torch.Tensor, pattern: Pattern, **_) -> torch.Tensor:
+    return keep_from_scores(weight.abs().float(), pattern, per_row=False)
