@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
+from typing import NamedTuple
 
+import torch
 from prefect import flow, task
 
 from flows.caching import run_stage
@@ -58,7 +61,15 @@ def perplexity_task(spec: ppl.PerplexitySpec, store_root: str, model: ModelSourc
                         load_tokenizer(model), resolve_device(device))
 
 
-def prepare(cfg: DenseConfig) -> dict:
+class Inputs(NamedTuple):
+    store: Store
+    directory: Path | None
+    device: torch.device
+    dtype: str
+    model: ModelSource
+
+
+def prepare(cfg: DenseConfig) -> Inputs:
     """Resolve and check every input; raises UserError before any stage runs."""
     store = Store(cfg.store)
     directory = data.data_dir(cfg.data_dir)
@@ -68,15 +79,12 @@ def prepare(cfg: DenseConfig) -> dict:
     context = load_model_config(model).get("max_position_embeddings")
     calibration.validate(cfg.nsamples, cfg.seqlen, context)
     calibration.validate(1, cfg.eval_seqlen, context, "--eval-seqlen")
-    return {"store": store, "directory": directory, "device": device, "dtype": dtype,
-            "model": model}
+    return Inputs(store, directory, device, dtype, model)
 
 
 @flow(name="ebft-dense")
 def dense_flow(cfg: DenseConfig) -> dict:
-    inputs = prepare(cfg)
-    store, directory, device, dtype, model = (inputs[k] for k in ("store", "directory",
-                                                                   "device", "dtype", "model"))
+    store, directory, device, dtype, model = prepare(cfg)
     c4_digest = data.c4_documents(directory).digest
     wiki_digest = data.wikitext2_test(directory).digest
 
@@ -104,6 +112,5 @@ def dense_flow(cfg: DenseConfig) -> dict:
 
 def load_model_config(model: ModelSource) -> dict:
     import json
-    from pathlib import Path
 
     return json.loads((Path(model.path) / "config.json").read_text())
