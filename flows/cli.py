@@ -14,10 +14,15 @@ def _positive_or_none(value: str) -> int | None:
     return None if value in ("all", "0") else int(value)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ebft", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    dense = sub.add_parser("dense", help="calibrate, capture dense activations, perplexity")
+# The default run is sized to finish in about 15 minutes on a 2-core CPU; "paper" is the
+# paper's setting (256 x 1024 C4 windows, up to 10 epochs, full Wikitext-2 test set).
+PRESETS = {
+    "default": {"nsamples": 32, "epochs": 3, "train_batch_size": 4, "eval_windows": 40},
+    "paper": {"nsamples": 256, "epochs": 10, "train_batch_size": 8, "eval_windows": None},
+}
+
+
+def add_dense_flags(dense: argparse.ArgumentParser) -> None:
     dense.add_argument("--model", default="smollm2-135m",
                        help="hub id, local Hugging Face folder, or smollm2-135m (built in)")
     dense.add_argument("--store", default=os.environ.get("EBFT_STORE", ".ebft-store"),
@@ -33,7 +38,63 @@ def build_parser() -> argparse.ArgumentParser:
     dense.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     dense.add_argument("--dtype", default="auto",
                        help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
-    dense.add_argument("--batch-size", type=int, default=8, help="capture batch size")
+    dense.add_argument("--batch-size", type=int, default=8,
+                       help="batch size of inference passes (capture, masks, boundaries)")
+
+
+def add_run_flags(run: argparse.ArgumentParser) -> None:
+    prune = run.add_argument_group("pruning (the mask stage)")
+    prune.add_argument("--method", default="wanda",
+                       help="magnitude, wanda, sparsegpt, wanda+dsnot, sparsegpt+dsnot")
+    prune.add_argument("--sparsity", type=float, default=0.5,
+                       help="fraction of weights pruned in every linear layer of every block")
+    prune.add_argument("--pattern", default=None, help="N:M semi-structured, e.g. 2:4 or 4:8")
+    prune.add_argument("--mask-inputs", default="sequential", choices=None,
+                       help="sequential (pruned path, default) or dense (shared dense capture)")
+    prune.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
+    prune.add_argument("--percdamp", type=float, default=0.01,
+                       help="SparseGPT dampening, fraction of the mean Hessian diagonal")
+    prune.add_argument("--dsnot-cycles", type=int, default=50, help="DSnoT max cycles")
+    prune.add_argument("--dsnot-threshold", type=float, default=0.1,
+                       help="DSnoT update threshold")
+    prune.add_argument("--dsnot-var-power", type=float, default=1.0,
+                       help="DSnoT power of the input variance in the regrowing score")
+    tune = run.add_argument_group("fine-tuning (EBFT, one cached task per block)")
+    tune.add_argument("--finetune", default="ebft", help="ebft, or none (pruned model only)")
+    tune.add_argument("--tune", default="weights", help="weights (EBFT) or mask (Section 4.5)")
+    tune.add_argument("--target", default="dense-output",
+                      help="dense-output (Eq. 4, from the dense capture) or dense-block "
+                           "(dense block on the sparse input, as the authors' code)")
+    tune.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (weights)")
+    tune.add_argument("--mask-lr", type=float, default=5e-3, help="learning rate of scores")
+    tune.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    tune.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    tune.add_argument("--train-batch-size", type=int, default=None, help="samples per step")
+    tune.add_argument("--epochs", type=int, default=None, help="maximum epochs per block")
+    tune.add_argument("--tolerance", type=float, default=0.01,
+                      help="early stop when an epoch improves the held-out loss by less "
+                           "than this fraction")
+    tune.add_argument("--holdout", type=float, default=0.0625,
+                      help="fraction of calibration samples held out to judge convergence")
+    tune.add_argument("--autocast", default="auto", help="auto, bfloat16 or none")
+    tune.add_argument("--train-seed", type=int, default=0, help="shuffling seed")
+    run.add_argument("--save-dtype", default="auto",
+                     help="dtype of the saved model: auto (compute dtype), float32, bfloat16")
+    run.add_argument("--keep-boundaries", action="store_true",
+                     help="keep every block's calibration outputs in the store")
+    run.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                     help="default: ~15 min on a 2-core CPU; paper: the paper's settings")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ebft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    dense = sub.add_parser("dense", help="calibrate, capture dense activations, perplexity")
+    add_dense_flags(dense)
+    run = sub.add_parser("run", help="the whole pipeline: prune, fine-tune, assemble, evaluate")
+    add_dense_flags(run)
+    add_run_flags(run)
+    run.set_defaults(nsamples=None, eval_windows="preset")  # taken from the preset
     return parser
 
 
@@ -42,35 +103,54 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dense":
             return _dense(args)
+        if args.command == "run":
+            return _run(args)
     except UserError as err:
         print(f"ebft: error: {err}", file=sys.stderr)
         return 2
     return 1
 
 
-def _dense(args: argparse.Namespace) -> int:
-    # Cached task results live in the store, so a shared store shares its cache.
-    store_root = os.path.abspath(args.store)
+def _prefect_env(store: str) -> None:
+    """Cached task results live in the store, so a shared store shares its cache."""
+    store_root = os.path.abspath(store)
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", os.path.join(store_root, "prefect",
                                                                       "results"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines
-    from flows.dense import DenseConfig, dense_flow, prepare
+
+
+def _dense_config(args: argparse.Namespace):
+    from flows.dense import DenseConfig
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size {args.batch_size}: must be positive")
     if args.eval_windows is not None and args.eval_windows < 0:
         raise UserError(f"--eval-windows {args.eval_windows}: must be positive or 'all'")
-    cfg = DenseConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    fields = DenseConfig.__dataclass_fields__
+    return DenseConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def _finish(state) -> dict | None:
+    """The flow's result, or None after printing why it failed (one line for user errors)."""
+    if not state.is_failed():
+        return state.result()
+    err = _user_error(state)
+    if err:
+        raise err
+    print(f"ebft: flow failed: {state.message}", file=sys.stderr)
+    return None
+
+
+def _dense(args: argparse.Namespace) -> int:
+    _prefect_env(args.store)
+    from flows.dense import dense_flow, prepare
+
+    cfg = _dense_config(args)
     start = time.monotonic()
     prepare(cfg)  # bad input fails here, in one line, before Prefect starts
-    state = dense_flow(cfg, return_state=True)
-    if state.is_failed():
-        err = _user_error(state)
-        if err:
-            raise err
-        print(f"ebft: flow failed: {state.message}", file=sys.stderr)
+    result = _finish(dense_flow(cfg, return_state=True))
+    if result is None:
         return 1
-    result = state.result()
     ppl = result["perplexity"]
     print(f"\nmodel        {result['model']['name']} ({result['model']['path']})")
     print(f"device/dtype {result['device']} / {result['dtype']}")
@@ -82,6 +162,68 @@ def _dense(args: argparse.Namespace) -> int:
           f"{ppl['windows_total']} windows of {ppl['seqlen']} tokens")
     print(f"wall time    {time.monotonic() - start:.1f}s")
     return 0
+
+
+def run_config(args: argparse.Namespace):
+    """Turn parsed flags into a RunConfig: explicit flags win over the preset's values."""
+    from flows.run import PruneConfig, RunConfig
+    from stages.block_training import TrainConfig
+
+    preset = PRESETS[args.preset]
+    for name in ("nsamples", "epochs", "train_batch_size"):
+        if getattr(args, name) is None:
+            setattr(args, name, preset[name])
+    if args.eval_windows == "preset":
+        args.eval_windows = preset["eval_windows"]
+    prune = PruneConfig(
+        method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+        mask_inputs=args.mask_inputs, blocksize=args.blocksize, percdamp=args.percdamp,
+        dsnot_cycles=args.dsnot_cycles, dsnot_threshold=args.dsnot_threshold,
+        dsnot_var_power=args.dsnot_var_power)
+    train = TrainConfig(
+        tune=args.tune, target=args.target, lr=args.lr, mask_lr=args.mask_lr,
+        beta1=args.betas[0], beta2=args.betas[1], weight_decay=args.weight_decay,
+        batch_size=args.train_batch_size, max_epochs=args.epochs, tolerance=args.tolerance,
+        holdout=args.holdout, autocast=args.autocast, seed=args.train_seed)
+    return RunConfig(_dense_config(args), prune, train, args.finetune, args.save_dtype,
+                     args.keep_boundaries)
+
+
+def _run(args: argparse.Namespace) -> int:
+    _prefect_env(args.store)
+    from flows.run import prepare, run_flow
+
+    cfg = run_config(args)
+    prepare(cfg)  # bad input fails here, in one line, before Prefect starts
+    print(f"ebft run: preset {args.preset}: {cfg.dense.nsamples} calibration windows of "
+          f"{cfg.dense.seqlen} tokens, up to {cfg.train.max_epochs} epochs per block, "
+          f"perplexity on {cfg.dense.eval_windows or 'all'} windows of {cfg.dense.eval_seqlen}",
+          flush=True)
+    report = _finish(run_flow(cfg, return_state=True))
+    if report is None:
+        return 1
+    print_summary(report)
+    return 0
+
+
+def print_summary(report: dict) -> None:
+    dense, sparse = report["perplexity"]["dense"], report["perplexity"]["finetuned"]
+    cfg, masks = report["config"], report["mask_report"]
+    label = f"{cfg['prune']['method']} {masks['pattern']}"
+    tuned = "" if cfg["finetune"] == "none" else f" + EBFT ({cfg['train']['tune']})"
+    print(f"\nmodel        {report['model']['name']} on {report['device']} / {report['dtype']}")
+    for stage, name in report["states"].items():
+        print(f"stage        {stage:<18} {name:<22} {report['seconds'].get(stage, 0):>8.1f}s")
+    print(f"sparsity     {masks['overall_sparsity']:.4f} overall, pattern "
+          f"{'ok' if masks['pattern_ok'] else 'VIOLATED'} in every layer")
+    windows = f"{dense['windows']} of {dense['windows_total']} windows of {dense['seqlen']}"
+    print(f"wikitext-2   {'dense':<26} {dense['perplexity']:.3f}   ({windows})")
+    print(f"wikitext-2   {label:<26} {report['perplexity']['pruned']['perplexity']:.3f}")
+    if sparse is not None:
+        print(f"wikitext-2   {label + tuned:<26} {sparse['perplexity']:.3f}")
+    print(f"model        {report['model_folder']}")
+    print(f"report       {report['report_path']}")
+    print(f"wall time    {report['wall_seconds']:.1f}s")
 
 
 def _user_error(state) -> UserError | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -55,10 +56,22 @@ def capture_task(spec: capture.CaptureSpec, store_root: str, model: ModelSource,
 
 @task(name="perplexity")
 def perplexity_task(spec: ppl.PerplexitySpec, store_root: str, model: ModelSource,
-                    data_dir: str | None, device: str) -> dict:
+                    data_dir: str | None, device: str, masks: dict | None = None) -> dict:
+    """Perplexity of a model folder, or of the dense model with a mask artifact applied."""
     text = data.wikitext2_test(data.data_dir(data_dir)).texts[0]
-    return ppl.evaluate(Store(store_root), spec, partial(load_model, model), text,
-                        load_tokenizer(model), resolve_device(device))
+    loader = partial(load_model, model)
+    if masks is not None:
+        loader = partial(_masked_model, model, Artifact(**masks))
+    return ppl.evaluate(Store(store_root), spec, loader, text, load_tokenizer(model),
+                        resolve_device(device))
+
+
+def _masked_model(model: ModelSource, masks: Artifact, dtype: torch.dtype):
+    from stages.pruning import apply_masks
+
+    loaded = load_model(model, dtype)
+    apply_masks(loaded, masks)
+    return loaded
 
 
 class Inputs(NamedTuple):
@@ -69,7 +82,7 @@ class Inputs(NamedTuple):
     model: ModelSource
 
 
-def prepare(cfg: DenseConfig) -> Inputs:
+def prepare_dense(cfg: DenseConfig) -> Inputs:
     """Resolve and check every input; raises UserError before any stage runs."""
     store = Store(cfg.store)
     directory = data.data_dir(cfg.data_dir)
@@ -82,31 +95,49 @@ def prepare(cfg: DenseConfig) -> Inputs:
     return Inputs(store, directory, device, dtype, model)
 
 
-@flow(name="ebft-dense")
-def dense_flow(cfg: DenseConfig) -> dict:
-    store, directory, device, dtype, model = prepare(cfg)
+prepare = prepare_dense
+
+
+def dense_stages(cfg: DenseConfig, inputs: Inputs) -> dict:
+    """The stages every configuration of one model and calibration set shares."""
+    store, directory, device, dtype, model = inputs
+    timings: dict[str, float] = {}
+    states: dict[str, str] = {}
+
+    def timed(name: str, state_fn) -> dict:
+        t0 = time.monotonic()
+        state = state_fn()
+        timings[name], states[name] = round(time.monotonic() - t0, 1), state.name
+        return state.result()
+
     c4_digest = data.c4_documents(directory).digest
     wiki_digest = data.wikitext2_test(directory).digest
-
     calib_spec = calibration.CalibrationSpec(c4_digest, tokenizer_digest(model), cfg.nsamples,
                                              cfg.seqlen, cfg.seed)
-    calib_state = run_stage(calibration_task, "calibration", store, calib_spec, model=model,
-                            data_dir=cfg.data_dir)
-    calib = Artifact(**calib_state.result())
-
-    capture_spec = capture.CaptureSpec(model.digest, calib.key, dtype, cfg.batch_size)
-    capture_state = run_stage(capture_task, "activations", store, capture_spec, model=model,
-                              calib=calib.to_dict(), device=str(device))
+    calib = timed("calibration", lambda: run_stage(
+        calibration_task, "calibration", store, calib_spec, model=model, data_dir=cfg.data_dir))
+    capture_spec = capture.CaptureSpec(model.digest, calib["key"], dtype, cfg.batch_size)
+    activations = timed("dense-capture", lambda: run_stage(
+        capture_task, "activations", store, capture_spec, model=model, calib=calib,
+        device=str(device)))
     ppl_spec = ppl.PerplexitySpec(model.digest, wiki_digest, cfg.eval_seqlen, cfg.eval_windows,
                                   dtype)
-    ppl_state = run_stage(perplexity_task, "perplexity", store, ppl_spec, model=model,
-                          data_dir=cfg.data_dir, device=str(device))
+    dense_ppl = timed("perplexity", lambda: run_stage(
+        perplexity_task, "perplexity", store, ppl_spec, model=model, data_dir=cfg.data_dir,
+        device=str(device)))
+    return {"calibration": calib, "activations": activations, "perplexity": dense_ppl,
+            "perplexity_spec": ppl_spec, "states": states, "seconds": timings}
+
+
+@flow(name="ebft-dense")
+def dense_flow(cfg: DenseConfig) -> dict:
+    inputs = prepare_dense(cfg)
+    result = dense_stages(cfg, inputs)
     return {
-        "config": asdict(cfg), "model": asdict(model), "device": str(device), "dtype": dtype,
-        "calibration": calib.to_dict(), "activations": capture_state.result(),
-        "perplexity": ppl_state.result(),
-        "states": {"calibration": calib_state.name, "dense-capture": capture_state.name,
-                   "perplexity": ppl_state.name},
+        "config": asdict(cfg), "model": asdict(inputs.model), "device": str(inputs.device),
+        "dtype": inputs.dtype, "calibration": result["calibration"],
+        "activations": result["activations"], "perplexity": result["perplexity"],
+        "states": result["states"],
     }
 
 

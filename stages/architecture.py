@@ -59,6 +59,13 @@ def block_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tenso
     return captured["hidden"], captured["kwargs"]
 
 
+def block_kwargs(model: nn.Module, batch: int, seqlen: int, device: torch.device,
+                 dtype: torch.dtype) -> dict:
+    """The keyword arguments every block gets for a (batch, seqlen) input (rotary, mask...)."""
+    dummy = torch.zeros(batch, seqlen, dtype=torch.long)
+    return to_device(block_inputs(model, dummy)[1], device, dtype)
+
+
 def to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     """Move tensors (also inside tuples, lists and dicts) to a device; floats to dtype."""
     if isinstance(value, torch.Tensor):

@@ -7,7 +7,7 @@ import sys
 import time
 
 
-def _logger() -> logging.Logger:
+def logger() -> logging.Logger:
     try:  # inside a Prefect run the message also reaches the Prefect UI
         from prefect.logging import get_run_logger
 
@@ -20,7 +20,7 @@ class Progress:
     def __init__(self, label: str, total: int, every_s: float = 5.0) -> None:
         self.label, self.total, self.every_s = label, total, every_s
         self.start = self.last = time.monotonic()
-        self.log = _logger()
+        self.log = logger()
 
     def update(self, done: int, extra: str = "") -> None:
         now = time.monotonic()

@@ -48,7 +48,16 @@ def open_group(path: Path) -> zarr.Group:
 
 
 def read(group: zarr.Group, boundary: int, start: int, stop: int) -> torch.Tensor:
-    raw = np.asarray(group[boundary_name(boundary)][start:stop])
+    return _as_tensor(group, np.asarray(group[boundary_name(boundary)][start:stop]))
+
+
+def read_rows(group: zarr.Group, boundary: int, rows: list[int]) -> torch.Tensor:
+    """Samples at arbitrary indices (a shuffled training batch), in the given order."""
+    array = group[boundary_name(boundary)]
+    return _as_tensor(group, np.stack([np.asarray(array[i]) for i in rows]))
+
+
+def _as_tensor(group: zarr.Group, raw: np.ndarray) -> torch.Tensor:
     tensor = torch.from_numpy(raw)
     if group.attrs["ebft_dtype"] == "bfloat16":
         tensor = tensor.view(torch.bfloat16)

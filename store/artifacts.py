@@ -71,6 +71,14 @@ class Store:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def delete(self, kind: str, key: str) -> None:
+        """Remove an artifact: renamed away first, so it is never seen half-deleted."""
+        final = self.path(kind, key)
+        if final.exists():
+            doomed = final.parent / f".tmp-deleting-{key}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
     def write_json(self, folder: Path, name: str, obj: object) -> None:
         (folder / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -2,7 +2,21 @@ import pytest
 import torch
 
 from stages.errors import UserError
-from stages.masks import parse_pattern, sparsify
+from stages.masks import LayerStats, parse_pattern, sparsify, split_method
+from stages.masks.dsnot import expected_error
+
+
+def stats_of(x: torch.Tensor) -> dict:
+    acc = LayerStats(x.shape[-1], hessian=True)
+    acc.add(x)
+    return acc.as_kwargs()
+
+
+def correlated_inputs(tokens=512, features=64, seed=1) -> torch.Tensor:
+    """Inputs with a nonzero mean and correlated features, like real hidden states."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(features, features, generator=gen) / features**0.5
+    return torch.randn(tokens, features, generator=gen) @ mix + torch.randn(features, generator=gen)
 
 
 def weight(rows=16, cols=32, seed=0):
@@ -12,7 +26,7 @@ def weight(rows=16, cols=32, seed=0):
 @pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.7])
 def test_magnitude_equals_a_direct_topk_with_exact_sparsity(sparsity):
     w = weight()
-    keep = sparsify("magnitude", w, parse_pattern(sparsity))
+    keep = sparsify("magnitude", w, parse_pattern(sparsity)).keep
     n_keep = w.numel() - int(w.numel() * sparsity)
     expected = torch.zeros(w.numel(), dtype=torch.bool)
     expected[w.abs().flatten().topk(n_keep).indices] = True
@@ -22,21 +36,22 @@ def test_magnitude_equals_a_direct_topk_with_exact_sparsity(sparsity):
 def test_wanda_is_exact_per_row_and_follows_activation_norms():
     w = weight()
     norms = torch.ones(32)
-    keep = sparsify("wanda", w, parse_pattern(0.5), input_norms=norms)
+    keep = sparsify("wanda", w, parse_pattern(0.5), input_norms=norms).keep
     assert (keep.sum(dim=1) == 16).all()
     norms_changed = norms.clone()
     norms_changed[:8] = 100.0  # inputs 0..7 carry large activations: their weights survive
-    keep2 = sparsify("wanda", w, parse_pattern(0.5), input_norms=norms_changed)
+    keep2 = sparsify("wanda", w, parse_pattern(0.5), input_norms=norms_changed).keep
     assert not torch.equal(keep, keep2)
     assert keep2[:, :8].all()
 
 
 @pytest.mark.parametrize("nm", ["2:4", "4:8", "1:3"])
-@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_nm_pattern_holds_in_every_input_group(nm, method):
     n, m = map(int, nm.split(":"))
     w = weight(8, 24)
-    keep = sparsify(method, w, parse_pattern(0.0, nm), input_norms=torch.rand(24))
+    x = torch.randn(200, 24)
+    keep = sparsify(method, w, parse_pattern(0.0, nm), **stats_of(x)).keep
     groups = keep.reshape(8, 24 // m, m)
     assert ((~groups).sum(-1) == n).all()
 
@@ -51,5 +66,39 @@ def test_bad_patterns_are_clear_errors(sparsity, nm, match):
 
 
 def test_unknown_method_lists_the_valid_ones():
-    with pytest.raises(UserError, match="choose one of magnitude, wanda"):
+    with pytest.raises(UserError, match="choose one of magnitude, sparsegpt, wanda, "
+                       "sparsegpt\\+dsnot, wanda\\+dsnot"):
+        split_method("nope")
+    with pytest.raises(UserError, match="is unknown"):
         sparsify("nope", weight(), parse_pattern(0.5))
+
+
+def reconstruction_error(w, w_hat, x):
+    return float(torch.linalg.norm(x @ w.T - x @ w_hat.T))
+
+
+@pytest.mark.parametrize("pattern", [parse_pattern(0.5), parse_pattern(0.7), parse_pattern(0, "2:4")])
+def test_sparsegpt_reconstructs_better_than_wanda_and_keeps_exact_sparsity(pattern):
+    x, w = correlated_inputs(), weight(32, 64)
+    stats = stats_of(x)
+    wanda_keep = sparsify("wanda", w, pattern, **stats).keep
+    sgpt = sparsify("sparsegpt", w, pattern, **stats)
+    assert torch.equal(sgpt.weight != 0, sgpt.keep)  # the update never revives a pruned weight
+    assert int((~sgpt.keep).sum()) == int(w.numel() * pattern.sparsity)
+    assert reconstruction_error(w, sgpt.weight, x) < reconstruction_error(w, w * wanda_keep, x)
+
+
+@pytest.mark.parametrize("pattern", [parse_pattern(0.5), parse_pattern(0.6), parse_pattern(0, "2:4")])
+def test_dsnot_never_increases_its_error_and_keeps_sparsity_exact(pattern):
+    x, w = correlated_inputs(seed=3), weight(32, 64, seed=4)
+    stats = stats_of(x)
+    start = sparsify("wanda", w, pattern, **stats).keep
+    after = sparsify("dsnot", w, pattern, keep=start, **stats, threshold=0.0).keep
+    before_err = expected_error(w, start, stats["mean"]).abs()
+    after_err = expected_error(w, after, stats["mean"]).abs()
+    assert (after_err <= before_err + 1e-6).all()
+    assert after_err.sum() < before_err.sum()  # and it did change something
+    assert torch.equal(after.sum(dim=1), start.sum(dim=1))  # exact per row
+    if pattern.is_nm:
+        groups = (~after).reshape(32, -1, pattern.m).sum(-1)
+        assert (groups == pattern.n).all()

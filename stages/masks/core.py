@@ -10,12 +10,28 @@ import torch
 
 from stages.errors import UserError
 
-METHODS: dict[str, Callable[..., torch.Tensor]] = {}
+
+@dataclass
+class Pruned:
+    """A method's answer for one layer: which weights to keep, and (SparseGPT) new weights."""
+
+    keep: torch.Tensor
+    weight: torch.Tensor | None = None
 
 
-def register(name: str):
+@dataclass(frozen=True)
+class Method:
+    fn: Callable[..., Pruned]
+    needs_hessian: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, needs_hessian: bool = False):
+    """Add a method to the registry; a new method is one new module using this decorator."""
     def add(fn):
-        METHODS[name] = fn
+        METHODS[name] = Method(fn, needs_hessian)
         return fn
     return add
 
@@ -31,6 +47,9 @@ class Pattern:
     @property
     def is_nm(self) -> bool:
         return self.m > 0
+
+    def label(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.0%}"
 
 
 def parse_pattern(sparsity: float, nm: str | None = None) -> Pattern:
@@ -51,9 +70,7 @@ def keep_from_scores(scores: torch.Tensor, pattern: Pattern, per_row: bool) -> t
     """Keep the highest scores: per row, over the whole matrix, or in each N:M input group."""
     rows, cols = scores.shape
     if pattern.is_nm:
-        if cols % pattern.m:
-            raise UserError(f"N:M {pattern.n}:{pattern.m} needs input size {cols} divisible by "
-                            f"{pattern.m}")
+        check_nm_fits(cols, pattern)
         groups = scores.reshape(rows, cols // pattern.m, pattern.m)
         drop = groups.topk(pattern.n, dim=-1, largest=False).indices
         keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
@@ -69,7 +86,30 @@ def keep_from_scores(scores: torch.Tensor, pattern: Pattern, per_row: bool) -> t
     return keep.reshape(rows, cols)
 
 
-def sparsify(method: str, weight: torch.Tensor, pattern: Pattern, **stats) -> torch.Tensor:
+def check_nm_fits(cols: int, pattern: Pattern) -> None:
+    if cols % pattern.m:
+        raise UserError(f"--pattern {pattern.n}:{pattern.m} needs every layer's input size "
+                        f"divisible by {pattern.m}, but one layer has {cols} inputs")
+
+
+def method_names() -> list[str]:
+    """Every valid --method: the base methods, and each with DSnoT reselection on top."""
+    bases = sorted(name for name in METHODS if name != "dsnot")
+    return bases + [f"{name}+dsnot" for name in bases if name in ("wanda", "sparsegpt")]
+
+
+def split_method(name: str) -> tuple[str, bool]:
+    """'wanda+dsnot' -> ('wanda', True); raises a one-line error listing the valid names."""
+    if name not in method_names():
+        raise UserError(f"--method {name!r} is unknown; choose one of "
+                        f"{', '.join(method_names())}")
+    base, _, refine = name.partition("+")
+    return base, refine == "dsnot"
+
+
+def sparsify(method: str, weight: torch.Tensor, pattern: Pattern, **stats) -> Pruned:
+    """Run one registered method on one layer's weight with its calibration statistics."""
     if method not in METHODS:
-        raise UserError(f"--method {method!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
-    return METHODS[method](weight, pattern, **stats)
+        raise UserError(f"--method {method!r} is unknown; choose one of "
+                        f"{', '.join(method_names())}")
+    return METHODS[method].fn(weight, pattern, **stats)

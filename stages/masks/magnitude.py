@@ -2,9 +2,9 @@
 
 import torch
 
-from stages.masks.core import Pattern, keep_from_scores, register
+from stages.masks.core import Pattern, Pruned, keep_from_scores, register
 
 
 @register("magnitude")
-def magnitude(weight: torch.Tensor, pattern: Pattern, **_) -> torch.Tensor:
-    return keep_from_scores(weight.abs().float(), pattern, per_row=False)
+def magnitude(weight: torch.Tensor, pattern: Pattern, **_) -> Pruned:
+    return Pruned(keep_from_scores(weight.abs().float(), pattern, per_row=False))

@@ -2,12 +2,15 @@
 
 import torch
 
-from stages.masks.core import Pattern, keep_from_scores, register
+from stages.masks.core import Pattern, Pruned, keep_from_scores, register
+
+
+def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
+    return weight.abs().float() * input_norms.float().reshape(1, -1)
 
 
 @register("wanda")
 def wanda(weight: torch.Tensor, pattern: Pattern, *, input_norms: torch.Tensor,
-          **_) -> torch.Tensor:
+          **_) -> Pruned:
     """input_norms: the L2 norm of each input feature over all calibration tokens."""
-    scores = weight.abs().float() * input_norms.float().reshape(1, -1)
-    return keep_from_scores(scores, pattern, per_row=True)
+    return Pruned(keep_from_scores(wanda_scores(weight, input_norms), pattern, per_row=True))

@@ -1,0 +1,222 @@
+"""The main job: calibration → dense capture → masks → EBFT per block → assembly → perplexity.
+
+Thin on purpose: every step is a stage function from ``stages/`` wrapped in a cached task
+(``flows.caching.run_stage``); this file only wires them in the order of the pipeline and
+collects a run report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+
+import torch
+from prefect import flow, task
+
+from flows.caching import run_stage
+from flows.dense import DenseConfig, Inputs, dense_stages, perplexity_task, prepare_dense
+from stages import assembly, ebft, pruning
+from stages.block_training import TrainConfig
+from stages.devices import DTYPES, resolve_device
+from stages.errors import UserError
+from stages.model_source import ModelSource, load_model
+from store import Artifact, Store, digest_json
+
+FINETUNES = ("none", "ebft")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = "wanda"
+    sparsity: float = 0.5
+    pattern: str | None = None
+    mask_inputs: str = "sequential"
+    blocksize: int = 128
+    percdamp: float = 0.01
+    dsnot_cycles: int = 50
+    dsnot_threshold: float = 0.1
+    dsnot_var_power: float = 1.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dense: DenseConfig = field(default_factory=DenseConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: str = "ebft"  # or "none": the pruned model as the mask stage left it
+    save_dtype: str = "auto"  # dtype of the saved model; auto: the compute dtype
+    keep_boundaries: bool = False  # keep every block's outputs (debugging; costs disk)
+
+    def key(self) -> str:
+        return digest_json(asdict(self))[:16]
+
+
+# ---- tasks: thin wrappers that rebuild what they need from paths and digests -------------
+
+@task(name="masks")
+def masks_task(spec: pruning.MaskSpec, store_root: str, model: ModelSource, activations: dict,
+               device: str) -> dict:
+    return pruning.build(Store(store_root), spec, partial(load_model, model),
+                         Artifact(**activations), resolve_device(device)).to_dict()
+
+
+@task(name="ebft-block", task_run_name="ebft-block-{spec.index}")
+def block_task(spec: ebft.BlockSpec, store_root: str, model: ModelSource, activations: dict,
+               masks: dict, device: str, chain: list, keep_boundaries: bool) -> dict:
+    dtype = DTYPES[spec.dtype]
+    ctx = ebft.Context(Store(store_root), load_model(model, dtype), Artifact(**activations),
+                       Artifact(**masks), resolve_device(device), dtype)
+    return ebft.build_block(ctx, chain, spec.index, keep_boundaries).to_dict()
+
+
+@task(name="assembly")
+def assembly_task(spec: assembly.AssemblySpec, store_root: str, model: ModelSource,
+                  masks: dict, blocks: list[dict], pattern_spec: pruning.MaskSpec) -> dict:
+    return assembly.build(Store(store_root), spec, model, Artifact(**masks),
+                          [Artifact(**b) for b in blocks], pattern_spec.parsed_pattern()).to_dict()
+
+
+# ---- checking the configuration before anything runs --------------------------------------
+
+def prepare(cfg: RunConfig) -> Inputs:
+    """Resolve and check every input; raises a one-line UserError before any stage runs."""
+    if cfg.finetune not in FINETUNES:
+        raise UserError(f"--finetune {cfg.finetune!r}: choose one of {', '.join(FINETUNES)}")
+    if cfg.save_dtype not in ("auto", *DTYPES):
+        raise UserError(f"--save-dtype {cfg.save_dtype!r}: choose auto, {', '.join(DTYPES)}")
+    mask_spec = mask_spec_for(cfg, "model", "activations", "float32")
+    pruning.validate(mask_spec)
+    cfg.train.validate(cfg.dense.nsamples)
+    inputs = prepare_dense(cfg.dense)
+    pattern = mask_spec.parsed_pattern()
+    if pattern.is_nm:
+        check_layers_fit(inputs.model, pattern)
+    return inputs
+
+
+def check_layers_fit(model: ModelSource, pattern) -> None:
+    """N:M needs every pruned layer's input size divisible by M; checked on a meta model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import stages.architecture as arch
+    from stages.masks.core import check_nm_fits
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model.path))
+    for linear in arch.linear_layers(arch.decoder_blocks(meta)[0]).values():
+        check_nm_fits(linear.in_features, pattern)
+
+
+def mask_spec_for(cfg: RunConfig, model_digest: str, activations_key: str,
+                  dtype: str) -> pruning.MaskSpec:
+    return pruning.MaskSpec(model_digest, activations_key, dtype=dtype,
+                            batch_size=cfg.dense.batch_size, **asdict(cfg.prune))
+
+
+# ---- the flow ---------------------------------------------------------------------------
+
+@flow(name="ebft-run")
+def run_flow(cfg: RunConfig) -> dict:
+    started = time.monotonic()
+    inputs = prepare(cfg)
+    store, model, dtype = inputs.store, inputs.model, inputs.dtype
+    dense = dense_stages(cfg.dense, inputs)
+    timings = dict(dense["seconds"])
+    states = dict(dense["states"])
+
+    def timed(name: str, state_fn):
+        t0 = time.monotonic()
+        state = state_fn()
+        timings[name], states[name] = round(time.monotonic() - t0, 1), state.name
+        return state.result()
+
+    activations = dense["activations"]
+    mask_spec = mask_spec_for(cfg, model.digest, activations["key"], dtype)
+    masks = timed("masks", lambda: run_stage(
+        masks_task, "masks", store, mask_spec, model=model, activations=activations,
+        device=str(inputs.device)))
+
+    pruned_spec = replace(dense["perplexity_spec"],
+                          model_digest=digest_json([model.digest, masks["digest"]]))
+    pruned_ppl = timed("perplexity-pruned", lambda: run_stage(
+        perplexity_task, "perplexity", store, pruned_spec, model=model,
+        data_dir=cfg.dense.data_dir, device=str(inputs.device), masks=masks))
+
+    blocks: list[dict] = []
+    last_key = None
+    records = []
+    if cfg.finetune == "ebft":
+        n_blocks = load_config_layers(model)
+        pattern = mask_spec.parsed_pattern()
+        specs = ebft.chain(n_blocks, model_digest=model.digest, activations_key=activations["key"],
+                           masks_key=masks["key"], train=cfg.train, nm_m=pattern.m, dtype=dtype,
+                           io_batch_size=cfg.dense.batch_size)
+        t0 = time.monotonic()
+        block_states = []
+        for spec in specs:
+            state = run_stage(block_task, "ebft-block", store, spec, model=model,
+                              activations=activations, masks=masks, device=str(inputs.device),
+                              chain=specs, keep_boundaries=cfg.keep_boundaries)
+            block_states.append(state.name)
+            blocks.append(state.result())
+        timings["ebft"] = round(time.monotonic() - t0, 1)
+        states["ebft"] = summarize_states(block_states)
+        last_key = specs[-1].key()
+        records = [ebft.read_record(Artifact(**b)) for b in blocks]
+        if not cfg.keep_boundaries:
+            store.delete("ebft-boundary", last_key)
+
+    save_dtype = dtype if cfg.save_dtype == "auto" else cfg.save_dtype
+    assembly_spec = assembly.AssemblySpec(model.digest, masks["key"], last_key, save_dtype)
+    final = timed("assembly", lambda: run_stage(
+        assembly_task, "models-sparse", store, assembly_spec, model=model, masks=masks,
+        blocks=blocks, pattern_spec=mask_spec))
+    tuned_ppl = None
+    if cfg.finetune != "none":
+        final_source = assembly.as_model_source(Artifact(**final), f"{model.name} {cfg.finetune}")
+        ppl_spec = replace(dense["perplexity_spec"], model_digest=final["digest"])
+        tuned_ppl = timed("perplexity-finetuned", lambda: run_stage(
+            perplexity_task, "perplexity", store, ppl_spec, model=final_source,
+            data_dir=cfg.dense.data_dir, device=str(inputs.device)))
+
+    report = {
+        "config": asdict(cfg), "model": asdict(model), "device": str(inputs.device),
+        "dtype": dtype, "calibration": dense["calibration"], "activations": activations,
+        "masks": masks, "mask_report": mask_summary(Artifact(**masks)),
+        "model_folder": final["path"], "blocks": records,
+        "perplexity": {"dense": dense["perplexity"], "pruned": pruned_ppl,
+                       "finetuned": tuned_ppl},
+        "states": states, "seconds": timings,
+        "wall_seconds": round(time.monotonic() - started, 1),
+    }
+    report["report_path"] = write_report(store, cfg, report)
+    return report
+
+
+def summarize_states(names: list[str]) -> str:
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{count} {name}" for name, count in counts.items())
+
+
+def mask_summary(masks: Artifact) -> dict:
+    import json
+    from pathlib import Path
+
+    report = json.loads((Path(masks.path) / pruning.REPORT_FILE).read_text())
+    return {k: v for k, v in report.items() if k != "layers"}
+
+
+def write_report(store: Store, cfg: RunConfig, report: dict) -> str:
+    """The machine-readable run report, replaced atomically on every run of this config."""
+    with store.writing("reports", cfg.key()) as tmp:
+        store.write_json(tmp, "report.json", report)
+    return str(store.path("reports", cfg.key()) / "report.json")
+
+
+def load_config_layers(model: ModelSource) -> int:
+    from flows.dense import load_model_config
+
+    return int(load_model_config(model)["num_hidden_layers"])

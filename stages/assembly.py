@@ -1,0 +1,56 @@
+"""Assembly: the pruned (and fine-tuned) model as a standard Hugging Face folder.
+
+The dense model is loaded, each block's linear weights are replaced by the fine-tuned ones
+(or the mask stage's, with the zeros applied), and the result is saved with
+``save_pretrained``: safetensors, config and tokenizer, no mask tensors, no custom code, so
+``AutoModelForCausalLM.from_pretrained(folder)`` loads it anywhere.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+import stages.architecture as arch
+from stages.ebft import load_block_weights
+from stages.model_source import ModelSource, load_model, load_tokenizer
+from stages.pruning import apply_masks, model_keep_masks, sparsity_report
+from store import Artifact, Store, code_version, digest_json
+
+
+@dataclass(frozen=True)
+class AssemblySpec:
+    model_digest: str
+    masks_key: str
+    last_block_key: str | None  # the final EBFT block's key; None: the pruned model as is
+    dtype: str = "float32"  # the dtype the weights are saved in
+
+    def key(self) -> str:
+        return digest_json({**asdict(self), "code": code_version(sys.modules[__name__])})[:32]
+
+
+def build(store: Store, spec: AssemblySpec, model: ModelSource, masks: Artifact,
+          blocks: list[Artifact], pattern) -> Artifact:
+    """Write the final model folder (plus ``sparsity.json``), unless already stored."""
+    from stages.devices import DTYPES
+
+    key = spec.key()
+    if found := store.get("models-sparse", key):
+        return found
+    dense = load_model(model, torch.float32)
+    apply_masks(dense, masks)
+    for block, artifact in zip(arch.decoder_blocks(dense), blocks, strict=False):
+        load_block_weights(block, artifact)
+    dense.to(DTYPES[spec.dtype])
+    report = sparsity_report(model_keep_masks(dense), pattern)
+    with store.writing("models-sparse", key) as tmp:
+        dense.save_pretrained(tmp)
+        load_tokenizer(model).save_pretrained(tmp)
+        store.write_json(tmp, "sparsity.json", {k: v for k, v in report.items() if k != "layers"})
+    return store.get("models-sparse", key)
+
+
+def as_model_source(artifact: Artifact, name: str) -> ModelSource:
+    return ModelSource(name, artifact.path, artifact.digest)

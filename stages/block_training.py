@@ -1,0 +1,237 @@
+"""One block's EBFT fine-tuning loop (paper Eq. 4, Algorithm 1), on tensors only.
+
+Minimise the MSE between the sparse block's output and the target (the dense model's
+output for this block), by AdamW on the block's linear weights (``tune="weights"``) or on
+scores that choose which weights are kept (``tune="mask"``, paper Section 4.5). Either way
+the pruned weights are exactly zero after every step and in the result.
+
+Mask tuning: each weight gets a score; the kept set is the top-k scores of each row (or of
+each N:M group), with k fixed by the starting mask, so the sparsity never changes. Scores
+start at r (kept) or r - 1 (pruned), r = |W| / max |W| of the row, so the starting mask is
+reproduced, and they learn through a straight-through estimator:
+W_eff = W · (hard + s - s.detach()), whose gradient w.r.t. s is W · ∂L/∂W_eff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from stages.errors import UserError
+
+Batches = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    tune: str = "weights"  # "weights" (EBFT) or "mask"
+    target: str = "dense-output"  # Eq. 4; "dense-block": dense block l on the sparse input
+    lr: float = 2e-4
+    mask_lr: float = 5e-3  # scores are O(1): they need a larger step than the weights
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    max_epochs: int = 10
+    tolerance: float = 0.01  # stop when an epoch improves the held-out loss by less than 1%
+    holdout: float = 0.0625  # fraction of calibration samples held out to judge convergence
+    autocast: str = "auto"  # "auto" (bf16 where the device supports it), "bfloat16", "none"
+    seed: int = 0
+
+    def validate(self, nsamples: int) -> None:
+        checks = [
+            (self.tune in ("weights", "mask"), f"--tune {self.tune!r}: choose weights or mask"),
+            (self.target in ("dense-output", "dense-block"),
+             f"--target {self.target!r}: choose dense-output or dense-block"),
+            (self.lr > 0 and self.mask_lr > 0, "--lr and --mask-lr must be positive"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "--betas must be in [0, 1)"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.batch_size > 0, f"--train-batch-size {self.batch_size}: must be positive"),
+            (self.max_epochs > 0, f"--epochs {self.max_epochs}: must be positive"),
+            (self.tolerance >= 0, "--tolerance must be >= 0"),
+            (0 <= self.holdout < 1, f"--holdout {self.holdout}: must be in [0, 1)"),
+            (self.autocast in ("auto", "bfloat16", "none"),
+             f"--autocast {self.autocast!r}: choose auto, bfloat16 or none"),
+            (nsamples - self.holdout_count(nsamples) >= 1,
+             f"--holdout {self.holdout} leaves no training samples out of {nsamples}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def holdout_count(self, nsamples: int) -> int:
+        return 0 if self.holdout == 0 else max(1, round(nsamples * self.holdout))
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
+    """bf16 autocast when asked (or 'auto' on a bf16-capable device) and weights are fp32."""
+    wanted = cfg.autocast == "bfloat16" or (
+        cfg.autocast == "auto" and dtype == torch.float32
+        and (device.type == "cpu" or torch.cuda.is_bf16_supported()))
+    if wanted and dtype == torch.float32:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _hard_mask(scores: torch.Tensor, counts: torch.Tensor, m: int) -> torch.Tensor:
+    """Keep the top ``counts`` scores per row, or per group of m inputs when m > 0."""
+    rows, cols = scores.shape
+    s = scores.reshape(rows, cols // m, m) if m else scores
+    ranks = s.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return (ranks < counts.unsqueeze(-1)).reshape(rows, cols)
+
+
+class BlockTuner:
+    """The trainable view of a block: its linear weights, or scores over them."""
+
+    def __init__(self, block, keep: dict[str, torch.Tensor], cfg: TrainConfig, nm_m: int):
+        self.block, self.cfg, self.m = block, cfg, nm_m
+        self.names = {name: f"{name}.weight" for name in keep}
+        modules = dict(block.named_modules())
+        self.weights = {name: modules[name].weight for name in keep}
+        self.keep = {name: keep[name].to(w.device) for name, w in self.weights.items()}
+        for p in block.parameters():
+            p.requires_grad_(False)
+        if cfg.tune == "weights":
+            for w in self.weights.values():
+                w.requires_grad_(True)
+            self.params = list(self.weights.values())
+            lr, decay = cfg.lr, cfg.weight_decay
+        else:
+            self.scores, self.counts = {}, {}
+            for name, w in self.weights.items():
+                r = w.detach().abs().float()
+                r = r / r.amax(dim=1, keepdim=True).clamp_min(1e-12)
+                self.scores[name] = torch.where(self.keep[name], r, r - 1).requires_grad_(True)
+                k = self.keep[name]
+                groups = k.reshape(len(k), -1, nm_m) if nm_m else k
+                self.counts[name] = groups.sum(-1)
+            self.params = list(self.scores.values())
+            lr, decay = cfg.mask_lr, 0.0
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=(cfg.beta1, cfg.beta2),
+                                           weight_decay=decay)
+
+    def forward(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        if self.cfg.tune == "weights":
+            out = self.block(x, **kwargs)
+        else:
+            effective = {}
+            for name, s in self.scores.items():
+                hard = _hard_mask(s.detach(), self.counts[name], self.m)
+                self.keep[name] = hard
+                effective[self.names[name]] = self.weights[name] * (hard + s - s.detach())
+            out = functional_call(self.block, effective, (x,), kwargs, strict=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def after_backward(self) -> None:
+        if self.cfg.tune == "weights":  # pruned weights get no gradient, so Adam leaves them
+            for name, w in self.weights.items():
+                w.grad.mul_(self.keep[name])
+
+    def after_step(self) -> None:
+        if self.cfg.tune == "weights":  # weight decay and rounding can't revive them either
+            with torch.no_grad():
+                for name, w in self.weights.items():
+                    w.mul_(self.keep[name])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        source = self.weights if self.cfg.tune == "weights" else self.scores
+        return {name: t.detach().clone() for name, t in source.items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        target = self.weights if self.cfg.tune == "weights" else self.scores
+        with torch.no_grad():
+            for name, t in state.items():
+                target[name].copy_(t)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """Write the final sparse weights into the block; returns the final keep-masks."""
+        if self.cfg.tune == "mask":
+            self.keep = {name: _hard_mask(s.detach(), self.counts[name], self.m)
+                         for name, s in self.scores.items()}
+        with torch.no_grad():
+            for name, w in self.weights.items():
+                w.requires_grad_(False)
+                w.mul_(self.keep[name])
+        return self.keep
+
+
+def train_block(block, keep: dict[str, torch.Tensor], batches: Batches, train_rows: list[int],
+                holdout_rows: list[int], kwargs_for: Callable[[int], dict], cfg: TrainConfig,
+                device: torch.device, dtype: torch.dtype, index: int = 0,
+                nm_m: int = 0, log: Callable[[str], None] = print) -> dict:
+    """Fine-tune one block in place; returns its record (losses, epochs, time, tokens/s)."""
+    tuner = BlockTuner(block, keep, cfg, nm_m)
+    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.max_epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        tuner.optimizer, lambda step: max(0.0, 1 - step / total_steps))  # linear decay to 0
+    amp = autocast_for(cfg, device, dtype)
+    gen = torch.Generator().manual_seed(cfg.seed + index)
+    judge_rows = holdout_rows or train_rows
+
+    def loss_on(rows: list[int]) -> float:
+        total = 0.0
+        with torch.no_grad(), amp:
+            for start in range(0, len(rows), cfg.batch_size):
+                chunk = rows[start:start + cfg.batch_size]
+                x, y = batches(chunk)
+                out = tuner.forward(x, kwargs_for(len(chunk)))
+                total += F.mse_loss(out.float(), y.float(), reduction="sum").item()
+        return total / (len(rows) * y[0].numel())
+
+    started, step, tokens = time.monotonic(), 0, 0
+    first = best = loss_on(judge_rows)
+    best_state, epochs, train_losses = tuner.state(), 0, []
+    for epoch in range(cfg.max_epochs):
+        order = [train_rows[i] for i in torch.randperm(len(train_rows), generator=gen)]
+        epoch_loss = 0.0
+        for start in range(0, len(order), cfg.batch_size):
+            chunk = order[start:start + cfg.batch_size]
+            x, y = batches(chunk)
+            with amp:
+                out = tuner.forward(x, kwargs_for(len(chunk)))
+            loss = F.mse_loss(out.float(), y.float())
+            step += 1
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"block {index}: loss is {loss.item()} at step {step} "
+                                    f"(epoch {epoch + 1}); lower --lr or use --autocast none")
+            loss.backward()
+            tuner.after_backward()
+            tuner.optimizer.step()
+            tuner.optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            tuner.after_step()
+            epoch_loss += loss.item() * len(chunk)
+            tokens += x.shape[0] * x.shape[1]
+        epochs = epoch + 1
+        train_losses.append(epoch_loss / len(order))
+        current = loss_on(judge_rows)
+        log(f"block {index} epoch {epochs}: train {train_losses[-1]:.5g} "
+            f"{'held-out' if holdout_rows else 'train'} {current:.5g}")
+        improved = (best - current) / max(best, 1e-30)
+        if current < best:
+            best, best_state = current, tuner.state()
+        if improved < cfg.tolerance:
+            break
+    tuner.load_state(best_state)
+    final_keep = tuner.finish()
+    seconds = time.monotonic() - started
+    return {"block": index, "start_loss": first, "end_loss": best, "epochs": epochs,
+            "steps": step, "train_losses": train_losses, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+            "loss_measured_on": "held-out" if holdout_rows else "train",
+            "early_stopped": epochs < cfg.max_epochs,
+            "kept": {name: int(k.sum()) for name, k in final_keep.items()},
+            "_keep": final_keep}

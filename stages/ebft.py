@@ -1,0 +1,204 @@
+"""The EBFT stage: fine-tune block l of the pruned model, one cached artifact per block.
+
+Inputs of block l: the outputs of the already fine-tuned sparse blocks 0..l-1 on the
+calibration set (block 0: the embeddings, from the dense capture). Target (paper Eq. 4):
+the dense model's output of block l, read from the shared dense capture; or, with
+``target="dense-block"`` (what the authors' released code does), the dense block l applied to
+the sparse-path input, computed once per block into a scratch store.
+
+Each block's key chains the key of the block before it, so it covers its input activations
+(everything upstream), the mask, the target, the hyperparameters and the code. Artifacts:
+- ``ebft-block/<key>``: the block's linear weights (``block.safetensors``) and its record;
+- ``ebft-boundary/<key>``: the block's outputs on the calibration set, i.e. the next block's
+  inputs. Boundaries are scratch: each is deleted once the next one exists, and a missing one
+  is rebuilt by running the cached fine-tuned blocks forward, so a run stopped at block k
+  resumes at block k without recomputing anything before it.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import stages.architecture as arch
+import stages.block_training as training
+import store.activations as acts
+from stages.block_training import TrainConfig
+from stages.capture import ZARR_NAME
+from stages.errors import UserError
+from stages.progress import logger
+from stages.pruning import load_masks, load_weights
+from store import Artifact, Store, code_version, digest_json
+
+BLOCK_FILE, RECORD_FILE = "block.safetensors", "record.json"
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    index: int
+    previous: str  # key of block index-1's spec ("" for block 0): the inputs' provenance
+    model_digest: str
+    activations_key: str
+    masks_key: str
+    train: TrainConfig
+    nm_m: int = 0  # M of an N:M pattern (mask tuning keeps it), 0 for unstructured
+    dtype: str = "float32"
+    io_batch_size: int = 8
+
+    def key(self) -> str:
+        modules = [sys.modules[__name__], training, arch, acts]
+        params = {k: v for k, v in asdict(self).items() if k != "io_batch_size"}
+        return digest_json({**params, "code": code_version(*modules)})[:32]
+
+
+def chain(n_blocks: int, **common) -> list[BlockSpec]:
+    """The specs of every block, each naming the one before: computable before any training."""
+    specs: list[BlockSpec] = []
+    for index in range(n_blocks):
+        specs.append(BlockSpec(index, specs[-1].key() if specs else "", **common))
+    return specs
+
+
+class Context:
+    """Everything a block needs besides its spec: the model, the stores, the device."""
+
+    def __init__(self, store: Store, model, activations: Artifact, masks: Artifact,
+                 device: torch.device, dtype: torch.dtype):
+        self.store, self.model, self.device, self.dtype = store, model, device, dtype
+        self.blocks = arch.decoder_blocks(model)
+        self.dense = acts.open_group(Path(activations.path) / ZARR_NAME)
+        self.n, self.seqlen, self.hidden = self.dense.attrs["shape"]
+        self.masks, self.new_weights = load_masks(masks), load_weights(masks)
+        self._kwargs: dict[int, dict] = {}
+
+    def kwargs_for(self, batch: int) -> dict:
+        if batch not in self._kwargs:
+            self._kwargs[batch] = arch.block_kwargs(self.model, batch, self.seqlen, self.device,
+                                                   self.dtype)
+        return self._kwargs[batch]
+
+    def keep(self, index: int) -> dict[str, torch.Tensor]:
+        names = arch.linear_layers(self.blocks[index])
+        return {name: self.masks[f"{index}.{name}"] for name in names}
+
+    def sparse_block(self, index: int):
+        """Block ``index`` as the mask stage left it: new weights if any, zeros applied."""
+        block = self.blocks[index]
+        with torch.no_grad():
+            for name, linear in arch.linear_layers(block).items():
+                key = f"{index}.{name}"
+                if key in self.new_weights:
+                    linear.weight.copy_(self.new_weights[key])
+                linear.weight.mul_(self.masks[key])
+        return block.to(self.device)
+
+    def ranges(self, batch: int) -> list[tuple[int, int]]:
+        return [(s, min(s + batch, self.n)) for s in range(0, self.n, batch)]
+
+    def new_boundary(self, path: Path):
+        from stages.devices import storage_dtype
+
+        return acts.create(path, 1, (self.n, self.seqlen, self.hidden),
+                           storage_dtype(self.dtype), {})
+
+    @torch.no_grad()
+    def forward_into(self, block, source: tuple, out_group, batch: int) -> None:
+        group, boundary = source
+        for start, stop in self.ranges(batch):
+            x = acts.read(group, boundary, start, stop).to(self.device, self.dtype)
+            acts.write(out_group, 0, start, arch.run_block(block, x, self.kwargs_for(len(x))))
+
+
+def load_block_weights(block, artifact: Artifact) -> None:
+    state = load_file(str(Path(artifact.path) / BLOCK_FILE))
+    with torch.no_grad():
+        for name, linear in arch.linear_layers(block).items():
+            linear.weight.copy_(state[f"{name}.weight"])
+
+
+def input_source(ctx: Context, specs: list[BlockSpec], index: int) -> tuple:
+    """(zarr group, boundary) holding block ``index``'s inputs; rebuilt if it was deleted."""
+    if index == 0:
+        return ctx.dense, 0
+    found = ctx.store.get("ebft-boundary", specs[index - 1].key())
+    if found:
+        return acts.open_group(Path(found.path) / ZARR_NAME), 0
+    start = index - 1  # walk back to the newest boundary still stored (or the embeddings)
+    while start > 0 and not ctx.store.get("ebft-boundary", specs[start - 1].key()):
+        start -= 1
+    source = input_source(ctx, specs, start)
+    for j in range(start, index):
+        block_artifact = ctx.store.get("ebft-block", specs[j].key())
+        if block_artifact is None:
+            raise UserError(f"block {j} has no stored result; rerun the flow from block {j}")
+        block = ctx.blocks[j].to(ctx.device)
+        load_block_weights(block, block_artifact)
+        with ctx.store.writing("ebft-boundary", specs[j].key()) as tmp:
+            ctx.forward_into(block, source, ctx.new_boundary(tmp / ZARR_NAME),
+                             specs[j].io_batch_size)
+        block.to("cpu")
+        source = (acts.open_group(ctx.store.path("ebft-boundary", specs[j].key()) / ZARR_NAME), 0)
+    return source
+
+
+def build_block(ctx: Context, specs: list[BlockSpec], index: int,
+                keep_boundaries: bool = False) -> Artifact:
+    """Fine-tune block ``index`` and store its weights, record and outputs."""
+    spec = specs[index]
+    key = spec.key()
+    if found := ctx.store.get("ebft-block", key):
+        return found
+    source = input_source(ctx, specs, index)
+    dense_block = copy.deepcopy(ctx.blocks[index]).to(ctx.device) \
+        if spec.train.target == "dense-block" else None
+    block = ctx.sparse_block(index)
+    cfg = spec.train
+    n_holdout = cfg.holdout_count(ctx.n)
+    train_rows, holdout_rows = list(range(ctx.n - n_holdout)), list(range(ctx.n - n_holdout, ctx.n))
+    log = logger().info
+
+    with ctx.store.writing("ebft-block", key) as tmp:
+        if dense_block is not None:  # dense block l on the sparse-path inputs, once
+            target_group = ctx.new_boundary(tmp / "target.zarr")
+            ctx.forward_into(dense_block, source, target_group, spec.io_batch_size)
+            del dense_block
+            target = (target_group, 0)
+        else:
+            target = (ctx.dense, index + 1)
+
+        def batches(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            x = acts.read_rows(source[0], source[1], rows).to(ctx.device, ctx.dtype)
+            y = acts.read_rows(target[0], target[1], rows).to(ctx.device, ctx.dtype)
+            return x, y
+
+        record = training.train_block(block, ctx.keep(index), batches, train_rows, holdout_rows,
+                                      ctx.kwargs_for, cfg, ctx.device, ctx.dtype, index,
+                                      spec.nm_m, log)
+        keep = record.pop("_keep")
+        if cfg.target == "dense-block":
+            shutil.rmtree(tmp / "target.zarr")
+        state = {f"{name}.weight": linear.weight.detach().to("cpu").contiguous()
+                 for name, linear in arch.linear_layers(block).items()}
+        save_file(state, str(tmp / BLOCK_FILE))
+        record["sparsity"] = {name: round(1 - float(k.float().mean()), 6)
+                              for name, k in keep.items()}
+        ctx.store.write_json(tmp, RECORD_FILE, {**record, "spec": asdict(spec), "key": key})
+
+    with ctx.store.writing("ebft-boundary", key) as tmp:
+        ctx.forward_into(block, source, ctx.new_boundary(tmp / ZARR_NAME), spec.io_batch_size)
+    block.to("cpu")
+    if index > 0 and not keep_boundaries:
+        ctx.store.delete("ebft-boundary", specs[index - 1].key())
+    return ctx.store.get("ebft-block", key)
+
+
+def read_record(artifact: Artifact) -> dict:
+    import json
+
+    return json.loads((Path(artifact.path) / RECORD_FILE).read_text())

@@ -1,0 +1,63 @@
+"""SparseGPT (Frantar & Alistarh, 2023): OBS pruning with the weight update, column by column.
+
+The layer's inputs X give the Hessian H = XᵀX of the reconstruction loss ||WX - ŴX||².
+Columns are visited left to right in blocks of ``blocksize``; within a block the mask is
+chosen by the OBS saliency w² / [H⁻¹]_jj², and each pruned weight's error is spread over the
+not-yet-visited columns through the Cholesky factor of H⁻¹, so the kept weights compensate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stages.masks.core import Pattern, Pruned, check_nm_fits, register
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor,
+                           percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = percdamp · mean(diag H). Zeroes dead inputs."""
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    h.diagonal().add_(percdamp * torch.diag(h).mean())
+    h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(h_inv, upper=True).float()
+
+
+@register("sparsegpt", needs_hessian=True)
+def sparsegpt(weight: torch.Tensor, pattern: Pattern, *, hessian: torch.Tensor,
+              blocksize: int = 128, percdamp: float = 0.01, **_) -> Pruned:
+    """hessian: Σ x xᵀ over calibration tokens (any positive scale: only ratios matter)."""
+    w = weight.detach().float().clone()
+    cols = w.shape[1]
+    if pattern.is_nm:
+        check_nm_fits(cols, pattern)
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+    u = inverse_hessian_factor(hessian.to(w.device), w, percdamp)
+    keep = torch.ones_like(w, dtype=torch.bool)
+
+    for start in range(0, cols, blocksize):
+        stop = min(start + blocksize, cols)
+        w1, u1 = w[:, start:stop].clone(), u[start:stop, start:stop]
+        errors = torch.zeros_like(w1)
+        drop1 = torch.zeros_like(w1, dtype=torch.bool)
+        if not pattern.is_nm:  # this block's share of pruned weights, chosen over all rows
+            saliency = w1**2 / torch.diag(u1).reshape(1, -1) ** 2
+            n_drop = int(saliency.numel() * pattern.sparsity)
+            drop1.view(-1)[saliency.flatten().topk(n_drop, largest=False).indices] = True
+        for i in range(stop - start):
+            if pattern.is_nm and i % pattern.m == 0:
+                group = w1[:, i:i + pattern.m] ** 2 / torch.diag(u1)[i:i + pattern.m] ** 2
+                lowest = group.topk(pattern.n, dim=1, largest=False).indices
+                drop1[:, i:i + pattern.m].scatter_(1, lowest, True)
+            column = w1[:, i]
+            pruned = torch.where(drop1[:, i], torch.zeros_like(column), column)
+            err = (column - pruned) / u1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) @ u1[i, i:].unsqueeze(0)
+            w1[:, i] = pruned
+            errors[:, i] = err
+        w[:, start:stop] = w1
+        keep[:, start:stop] = ~drop1
+        w[:, stop:] -= errors @ u[start:stop, stop:]
+    return Pruned(keep, (w * keep).to(weight.dtype))

@@ -1,0 +1,32 @@
+"""Calibration statistics of one linear layer's inputs, accumulated batch by batch."""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerStats:
+    """Running Σx, Σx² (and Σxxᵀ if asked) over every calibration token, in float64/32."""
+
+    def __init__(self, features: int, hessian: bool = False) -> None:
+        self.count = 0
+        self.sum = torch.zeros(features, dtype=torch.float64)
+        self.sumsq = torch.zeros(features, dtype=torch.float64)
+        self.hessian = torch.zeros(features, features) if hessian else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        self.count += len(x)
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.sumsq += (x * x).sum(0, dtype=torch.float64)
+        if self.hessian is not None:
+            self.hessian.addmm_(x.T, x)
+
+    def as_kwargs(self) -> dict[str, torch.Tensor]:
+        """What the methods take: input_norms (Wanda), mean/var (DSnoT), hessian (SparseGPT)."""
+        mean = self.sum / self.count
+        stats = {"input_norms": self.sumsq.sqrt().float(), "mean": mean.float(),
+                 "var": (self.sumsq / self.count - mean**2).clamp_min(0).float()}
+        if self.hessian is not None:
+            stats["hessian"] = self.hessian
+        return stats
