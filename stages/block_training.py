@@ -15,6 +15,7 @@ W_eff = W · (hard + s - s.detach()), whose gradient w.r.t. s is W · ∂L/∂W_
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -42,7 +43,7 @@ class TrainConfig:
     max_epochs: int = 10
     tolerance: float = 0.01  # stop when an epoch improves the held-out loss by less than 1%
     holdout: float = 0.0625  # fraction of calibration samples held out to judge convergence
-    autocast: str = "auto"  # "auto" (bf16 where the device supports it), "bfloat16", "none"
+    autocast: str = "auto"  # "auto" (bf16 where it is faster than fp32), "bfloat16", "none"
     seed: int = 0
 
     def validate(self, nsamples: int) -> None:
@@ -74,11 +75,32 @@ class NonFiniteLoss(UserError):
     pass
 
 
+@functools.cache
+def bf16_is_fast(device_type: str) -> bool:
+    """Whether bf16 matmuls beat fp32 here: true on bf16-capable GPUs, measured on CPU.
+
+    CPUs without native bf16 instructions (AVX2-only, like our 2-core CI machines) run bf16
+    matmuls hundreds of times slower than fp32, so 'auto' must not assume autocast helps.
+    """
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    a32 = torch.randn(128, 128)
+    a16 = a32.to(torch.bfloat16)
+    timings = {}
+    for name, a in (("fp32", a32), ("bf16", a16)):
+        a @ a  # warm up
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ a
+        timings[name] = time.perf_counter() - start
+    return timings["bf16"] < timings["fp32"]
+
+
 def autocast_for(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
-    """bf16 autocast when asked (or 'auto' on a bf16-capable device) and weights are fp32."""
-    wanted = cfg.autocast == "bfloat16" or (
-        cfg.autocast == "auto" and dtype == torch.float32
-        and (device.type == "cpu" or torch.cuda.is_bf16_supported()))
+    """bf16 autocast over fp32 weights when asked, or with 'auto' where bf16 is faster."""
+    wanted = cfg.autocast == "bfloat16" or (cfg.autocast == "auto" and bf16_is_fast(device.type))
     if wanted and dtype == torch.float32:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

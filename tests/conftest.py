@@ -74,7 +74,7 @@ def prefect_server():
     """One temporary Prefect server (SQLite) for every test that runs a flow."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):
         yield
 
 

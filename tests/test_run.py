@@ -1,0 +1,240 @@
+"""The main job on a tiny Llama: masks, EBFT per block, resume, assembly, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from safetensors import safe_open
+
+import stages.block_training as training
+from flows.cli import main
+from flows.dense import DenseConfig
+from flows.run import PruneConfig, RunConfig, run_flow
+from stages import architecture as arch
+from stages import ebft
+from stages.block_training import NonFiniteLoss, TrainConfig
+
+
+def config(store: Path, model: Path, data_dir: Path, **overrides) -> RunConfig:
+    dense = DenseConfig(model=str(model), store=str(store), data_dir=str(data_dir), nsamples=8,
+                        seqlen=64, eval_seqlen=64, eval_windows=2, batch_size=4)
+    train = TrainConfig(lr=1e-3, batch_size=2, max_epochs=3, tolerance=0.0, holdout=0.25)
+    return replace(RunConfig(dense=dense, prune=PruneConfig("wanda", 0.5), train=train),
+                   **overrides)
+
+
+def linear_weights(folder: str) -> dict[str, torch.Tensor]:
+    """Every decoder linear weight of a saved model, read straight from its safetensors."""
+    out = {}
+    for file in Path(folder).glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys() if "layers." in k  # noqa: SIM118
+                        and k.endswith("proj.weight")})
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("run-model"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prefect_server, tmp_path_factory, model, data_dir) -> dict:
+    return run_flow(config(tmp_path_factory.mktemp("store-a"), model, data_dir))
+
+
+def test_ebft_lowers_every_block_loss_and_keeps_the_mask(uninterrupted):
+    report = uninterrupted
+    assert len(report["blocks"]) == 3
+    for record in report["blocks"]:
+        assert record["end_loss"] < record["start_loss"], record
+        assert record["epochs"] >= 1 and record["tokens_per_s"] > 0
+        assert set(record["sparsity"].values()) == {0.5}
+    ppl = report["perplexity"]
+    assert ppl["finetuned"]["perplexity"] < ppl["pruned"]["perplexity"]
+
+
+def test_assembled_folder_loads_with_stock_transformers_at_the_requested_sparsity(
+        uninterrupted):
+    from transformers import AutoModelForCausalLM
+
+    folder = uninterrupted["model_folder"]
+    loaded = AutoModelForCausalLM.from_pretrained(folder)  # no custom code, no mask tensors
+    assert not any("mask" in name for name in linear_weights(folder))
+    for block in arch.decoder_blocks(loaded):
+        for name, linear in arch.linear_layers(block).items():
+            w = linear.weight
+            assert (w == 0).sum(dim=1).tolist() == [w.shape[1] // 2] * w.shape[0], name
+    report = json.loads(Path(uninterrupted["report_path"]).read_text())
+    assert report["config"]["prune"]["method"] == "wanda"
+    assert len(report["blocks"]) == 3 and report["masks"]["digest"]
+
+
+def test_masked_weights_are_zero_after_every_step(monkeypatch, tmp_path, model, data_dir,
+                                                  prefect_server):
+    checked = []
+    original = training.BlockTuner.after_step
+
+    def after_step_then_check(self):
+        original(self)
+        for name, w in self.weights.items():
+            assert not w[~self.keep[name]].any(), name
+        checked.append(1)
+
+    monkeypatch.setattr(training.BlockTuner, "after_step", after_step_then_check)
+    run_flow(config(tmp_path / "store", model, data_dir, prune=PruneConfig("sparsegpt", 0.6),
+                    finetune="ebft"))
+    assert len(checked) >= 3 * 3  # 3 blocks, 3 steps per epoch at least one epoch each
+
+
+def test_resume_after_failure_at_block_k_recomputes_nothing_before_it(
+        monkeypatch, tmp_path, model, data_dir, uninterrupted):
+    cfg = config(tmp_path / "store", model, data_dir)
+    real = training.train_block
+
+    def failing_at_block_2(*args, **kwargs):
+        if kwargs.get("index", args[9] if len(args) > 9 else 0) == 2:
+            raise RuntimeError("simulated crash in block 2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ebft.training, "train_block", failing_at_block_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_flow(cfg)
+    monkeypatch.setattr(ebft.training, "train_block", real)
+    # Lose the saved boundary too: it is rebuilt from the cached blocks, not retrained.
+    for boundary in (tmp_path / "store" / "ebft-boundary").iterdir():
+        __import__("shutil").rmtree(boundary)
+
+    resumed = run_flow(cfg)
+    assert resumed["states"]["ebft"] == "2 Cached, 1 Completed"
+    assert resumed["states"]["masks"] == "Cached"
+    assert resumed["states"]["dense-capture"] == "Cached"
+    mine, theirs = (linear_weights(r["model_folder"]) for r in (resumed, uninterrupted))
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+
+
+def test_new_learning_rate_retrains_only_the_blocks(tmp_path, model, data_dir, uninterrupted,
+                                                    prefect_server):
+    store = Path(uninterrupted["report_path"]).parents[2]
+    cfg = config(store, model, data_dir)
+    again = run_flow(replace(cfg, train=replace(cfg.train, lr=5e-4)))
+    assert again["states"]["calibration"] == again["states"]["dense-capture"] == "Cached"
+    assert again["states"]["masks"] == again["states"]["perplexity-pruned"] == "Cached"
+    assert again["states"]["ebft"] == "3 Completed"
+
+
+def test_nonfinite_loss_names_block_and_step_and_keeps_earlier_blocks(
+        monkeypatch, tmp_path, model, data_dir, prefect_server):
+    cfg = config(tmp_path / "store", model, data_dir)
+    real = training.train_block
+
+    def huge_lr_at_block_1(block, keep, batches, train_rows, holdout_rows, kwargs_for,
+                           train_cfg, *args, **kwargs):
+        if kwargs.get("index", args[2] if len(args) > 2 else 0) == 1:
+            train_cfg = replace(train_cfg, lr=1e30)
+        return real(block, keep, batches, train_rows, holdout_rows, kwargs_for, train_cfg,
+                    *args, **kwargs)
+
+    monkeypatch.setattr(ebft.training, "train_block", huge_lr_at_block_1)
+    with pytest.raises(NonFiniteLoss, match=r"block 1: loss is (nan|inf) at step \d+"):
+        run_flow(cfg)
+    assert len(list((tmp_path / "store" / "ebft-block").iterdir())) == 1  # block 0 kept
+
+
+def test_mask_tuning_keeps_weights_and_exact_nm_pattern(tmp_path, model, data_dir,
+                                                        prefect_server):
+    cfg = config(tmp_path / "store", model, data_dir, prune=PruneConfig("wanda", 0.5, "2:4"))
+    cfg = replace(cfg, train=replace(cfg.train, tune="mask", mask_lr=5e-2))
+    report = run_flow(cfg)
+    dense = linear_weights(str(model))
+    for name, w in linear_weights(report["model_folder"]).items():
+        groups = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
+        assert (groups == 2).all(), name  # exactly 2 of every 4 inputs, as before tuning
+        kept = w != 0
+        assert torch.equal(w[kept], dense[name][kept]), name  # weights frozen, only chosen
+    for record in report["blocks"]:
+        assert record["end_loss"] <= record["start_loss"]
+
+
+def test_sequential_and_dense_mask_inputs_differ_after_block_0(tmp_path, model, data_dir,
+                                                               prefect_server):
+    reports = {}
+    for inputs in ("sequential", "dense"):
+        cfg = config(tmp_path / "store", model, data_dir, finetune="none",
+                     prune=PruneConfig("wanda", 0.5, mask_inputs=inputs))
+        reports[inputs] = run_flow(cfg)
+    a, b = (linear_weights(r["model_folder"]) for r in reports.values())
+    first = [n for n in a if ".layers.0." in n]
+    later = [n for n in a if ".layers.0." not in n]
+    assert all(torch.equal(a[n], b[n]) for n in first)  # same inputs: the embeddings
+    assert not all(torch.equal(a[n], b[n]) for n in later)
+    assert reports["dense"]["states"]["dense-capture"] == "Cached"  # shared capture
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sparsity", "1.5"], "--sparsity 1.5"),
+    (["--sparsity", "-0.1"], "--sparsity -0.1"),
+    (["--pattern", "5:4"], "--pattern"),
+    (["--pattern", "2-4"], "--pattern"),
+    (["--method", "bogus"], "magnitude"),
+    (["--tune", "both"], "--tune"),
+    (["--epochs", "0"], "--epochs"),
+])
+def test_bad_run_inputs_fail_in_one_line_and_leave_the_store_empty(
+        tmp_path, model, data_dir, capsys, flags, message):
+    store = tmp_path / "store"
+    code = main(["run", "--model", str(model), "--store", str(store), "--data-dir",
+                 str(data_dir), "--nsamples", "4", "--seqlen", "64", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("ebft: error:") and "\n" not in err and message in err, err
+    assert not store.exists() or not any(p for p in store.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "wanda+dsnot",
+                                    "sparsegpt+dsnot"])
+@pytest.mark.parametrize("sparsity, pattern", [(0.6, None), (0.0, "2:4")])
+def test_mask_stage_on_a_tiny_llama(prefect_server, tmp_path_factory, model, data_dir, method,
+                                    sparsity, pattern):
+    from stages.masks.core import parse_pattern
+    from stages.pruning import REPORT_FILE, load_masks, pattern_holds
+    from store import Artifact
+
+    store = tmp_path_factory.getbasetemp() / "mask-stage-store"  # shared: one capture
+    cfg = config(store, model, data_dir, finetune="none",
+                 prune=PruneConfig(method, sparsity, pattern))
+    report = run_flow(cfg)
+    masks = Artifact(**report["masks"])
+    stored = json.loads((Path(masks.path) / REPORT_FILE).read_text())
+    assert stored["pattern_ok"] and len(stored["layers"]) == 3 * 7
+    parsed = parse_pattern(sparsity, pattern)
+    for name, keep in load_masks(masks).items():
+        assert pattern_holds(keep, parsed), name
+        if pattern:
+            assert ((~keep).reshape(keep.shape[0], -1, 4).sum(-1) == 2).all(), name
+        elif method.startswith("wanda"):  # compared within each output row
+            assert (~keep).sum(1).tolist() == [int(keep.shape[1] * 0.6)] * len(keep), name
+        else:
+            assert int((~keep).sum()) == int(keep.numel() * 0.6), name  # exact per layer
+    # the pruned model (no fine-tuning) is a model folder whose zeros are the masks
+    zeros = {n: (w == 0) for n, w in linear_weights(report["model_folder"]).items()}
+    assert sum(int(z.sum()) for z in zeros.values()) == stored["pruned"]
+    assert report["perplexity"]["pruned"]["perplexity"] > 0
+    assert (Path(masks.path) / "weights.safetensors").exists() == method.startswith("sparsegpt")
+
+
+def test_prefect_yaml_deployment_parameters_are_valid_configs():
+    import yaml
+
+    deployments = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())["deployments"]
+    run = next(d for d in deployments if d["entrypoint"] == "flows/run.py:run_flow")
+    cfg = run_flow.validate_parameters(run["parameters"])["cfg"]
+    assert isinstance(cfg, RunConfig) and cfg.prune.method == "wanda"
+    assert cfg.train.max_epochs == 2 and cfg.dense.eval_windows is None
