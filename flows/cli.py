@@ -79,6 +79,14 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
                       help="fraction of calibration samples held out to judge convergence")
     tune.add_argument("--autocast", default="auto", help="auto, bfloat16 or none")
     tune.add_argument("--train-seed", type=int, default=0, help="shuffling seed")
+    evals = run.add_argument_group("zero-shot evaluation (lm-evaluation-harness)")
+    evals.add_argument("--tasks", default="",
+                       help="all, paper, or a comma list (piqa,arc_easy,arc_challenge,"
+                            "hellaswag,winogrande,boolq,openbookqa,lambada_openai,storycloze);"
+                            " default none")
+    evals.add_argument("--zeroshot-limit", type=int, default=None,
+                       help="evaluate only the first N documents of each task (quick runs)")
+    evals.add_argument("--zeroshot-batch-size", type=int, default=16, help="harness batch size")
     run.add_argument("--save-dtype", default="auto",
                      help="dtype of the saved model: auto (compute dtype), float32, bfloat16")
     run.add_argument("--keep-boundaries", action="store_true",
@@ -169,8 +177,9 @@ def _dense(args: argparse.Namespace) -> int:
 
 def run_config(args: argparse.Namespace):
     """Turn parsed flags into a RunConfig: explicit flags win over the preset's values."""
-    from flows.run import PruneConfig, RunConfig
+    from flows.run import PruneConfig, RunConfig, ZeroShotConfig
     from stages.block_training import TrainConfig
+    from stages.zeroshot import parse_tasks
 
     preset = PRESETS[args.preset]
     for name in ("nsamples", "epochs", "train_batch_size"):
@@ -188,8 +197,10 @@ def run_config(args: argparse.Namespace):
         beta1=args.betas[0], beta2=args.betas[1], weight_decay=args.weight_decay,
         batch_size=args.train_batch_size, max_epochs=args.epochs, tolerance=args.tolerance,
         holdout=args.holdout, autocast=args.autocast, seed=args.train_seed)
+    evals = ZeroShotConfig(parse_tasks(args.tasks) if args.tasks else (),
+                           args.zeroshot_limit, args.zeroshot_batch_size)
     return RunConfig(_dense_config(args), prune, train, args.finetune, args.save_dtype,
-                     args.keep_boundaries)
+                     args.keep_boundaries, evals)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -224,9 +235,27 @@ def print_summary(report: dict) -> None:
     print(f"wikitext-2   {label:<26} {report['perplexity']['pruned']['perplexity']:.3f}")
     if sparse is not None:
         print(f"wikitext-2   {label + tuned:<26} {sparse['perplexity']:.3f}")
+    if report.get("zeroshot"):
+        print_zeroshot(report["zeroshot"], {"dense": "dense", "pruned": label,
+                                            "finetuned": label + tuned})
     print(f"model        {report['model_folder']}")
     print(f"report       {report['report_path']}")
     print(f"wall time    {report['wall_seconds']:.1f}s")
+
+
+def print_zeroshot(results: dict, labels: dict[str, str]) -> None:
+    """Accuracy per task (the harness's acc) for each evaluated model, and the mean."""
+    first = next(r for r in results.values() if r is not None)
+    tasks = list(first["tasks"])
+    limit = f", first {first['limit']} docs per task" if first["limit"] else ""
+    print(f"zero-shot    acc (lm-eval{limit}): " + " ".join(f"{t[:10]:>10}" for t in tasks)
+          + "       mean")
+    for name, result in results.items():
+        if result is not None:
+            accs = " ".join(f"{result['tasks'][t]['acc']:>10.4f}" for t in tasks)
+            print(f"zero-shot    {labels[name]:<26} {accs} {result['mean_acc']:>10.4f}")
+    for task, why in first["skipped"].items():
+        print(f"zero-shot    skipped {task}: {why}")
 
 
 def _user_error(state) -> UserError | None:

@@ -12,7 +12,7 @@ import torch
 from prefect import flow, task
 
 from flows.caching import run_stage
-from stages import calibration, capture, data
+from stages import calibration, capture, data, zeroshot
 from stages import perplexity as ppl
 from stages.devices import resolve_device, resolve_dtype
 from stages.model_source import (
@@ -64,6 +64,17 @@ def perplexity_task(spec: ppl.PerplexitySpec, store_root: str, model: ModelSourc
         loader = partial(_masked_model, model, Artifact(**masks))
     return ppl.evaluate(Store(store_root), spec, loader, text, load_tokenizer(model),
                         resolve_device(device))
+
+
+@task(name="zeroshot")
+def zeroshot_task(spec: zeroshot.ZeroShotSpec, store_root: str, model: ModelSource,
+                  data_dir: str | None, device: str, masks: dict | None = None) -> dict:
+    """Zero-shot accuracies (lm-eval) of a model folder, or of the dense model with masks."""
+    loader = partial(load_model, model)
+    if masks is not None:
+        loader = partial(_masked_model, model, Artifact(**masks))
+    return zeroshot.build(Store(store_root), spec, loader, load_tokenizer(model),
+                          data.data_dir(data_dir), resolve_device(device))
 
 
 def _masked_model(model: ModelSource, masks: Artifact, dtype: torch.dtype):

@@ -15,8 +15,15 @@ import torch
 from prefect import flow, task
 
 from flows.caching import run_stage
-from flows.dense import DenseConfig, Inputs, dense_stages, perplexity_task, prepare_dense
-from stages import assembly, ebft, pruning
+from flows.dense import (
+    DenseConfig,
+    Inputs,
+    dense_stages,
+    perplexity_task,
+    prepare_dense,
+    zeroshot_task,
+)
+from stages import assembly, data, ebft, pruning, zeroshot
 from stages.block_training import TrainConfig
 from stages.devices import DTYPES, resolve_device
 from stages.errors import UserError
@@ -40,6 +47,13 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class ZeroShotConfig:
+    tasks: tuple[str, ...] = ()  # empty: no zero-shot evaluation
+    limit: int | None = None  # documents per task (quick runs); None: all
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
 class RunConfig:
     dense: DenseConfig = field(default_factory=DenseConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -47,6 +61,7 @@ class RunConfig:
     finetune: str = "ebft"  # or "none": the pruned model as the mask stage left it
     save_dtype: str = "auto"  # dtype of the saved model; auto: the compute dtype
     keep_boundaries: bool = False  # keep every block's outputs (debugging; costs disk)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
     def key(self) -> str:
         return digest_json(asdict(self))[:16]
@@ -88,6 +103,11 @@ def prepare(cfg: RunConfig) -> Inputs:
     mask_spec = mask_spec_for(cfg, "model", "activations", "float32")
     pruning.validate(mask_spec)
     cfg.train.validate(cfg.dense.nsamples)
+    if cfg.zeroshot.limit is not None and cfg.zeroshot.limit <= 0:
+        raise UserError(f"--zeroshot-limit {cfg.zeroshot.limit}: must be positive")
+    if cfg.zeroshot.batch_size <= 0:
+        raise UserError(f"--zeroshot-batch-size {cfg.zeroshot.batch_size}: must be positive")
+    zeroshot.parse_tasks(",".join(cfg.zeroshot.tasks) or "all")
     inputs = prepare_dense(cfg.dense)
     pattern = mask_spec.parsed_pattern()
     if pattern.is_nm:
@@ -131,6 +151,21 @@ def run_flow(cfg: RunConfig) -> dict:
         timings[name], states[name] = round(time.monotonic() - t0, 1), state.name
         return state.result()
 
+    zs_directory = data.data_dir(cfg.dense.data_dir)
+    zs_tasks = zeroshot.available(cfg.zeroshot.tasks, zs_directory)[0]
+    zs_digest = zeroshot.data_digest(zs_tasks, zs_directory)
+
+    def zero_shot(name: str, source: ModelSource, model_digest: str, masks=None):
+        """Zero-shot accuracies of one model, or None when no tasks were asked for."""
+        if not cfg.zeroshot.tasks:
+            return None
+        spec = zeroshot.ZeroShotSpec(model_digest, zs_digest, cfg.zeroshot.tasks,
+                                     cfg.zeroshot.limit, cfg.zeroshot.batch_size, dtype)
+        return timed(f"zeroshot-{name}", lambda: run_stage(
+            zeroshot_task, "zeroshot", store, spec, model=source,
+            data_dir=cfg.dense.data_dir, device=str(inputs.device), masks=masks))
+
+    zs = {"dense": zero_shot("dense", model, model.digest)}
     activations = dense["activations"]
     mask_spec = mask_spec_for(cfg, model.digest, activations["key"], dtype)
     masks = timed("masks", lambda: run_stage(
@@ -142,6 +177,7 @@ def run_flow(cfg: RunConfig) -> dict:
     pruned_ppl = timed("perplexity-pruned", lambda: run_stage(
         perplexity_task, "perplexity", store, pruned_spec, model=model,
         data_dir=cfg.dense.data_dir, device=str(inputs.device), masks=masks))
+    zs["pruned"] = zero_shot("pruned", model, pruned_spec.model_digest, masks)
 
     blocks: list[dict] = []
     last_key = None
@@ -179,6 +215,7 @@ def run_flow(cfg: RunConfig) -> dict:
         tuned_ppl = timed("perplexity-finetuned", lambda: run_stage(
             perplexity_task, "perplexity", store, ppl_spec, model=final_source,
             data_dir=cfg.dense.data_dir, device=str(inputs.device)))
+        zs["finetuned"] = zero_shot("finetuned", final_source, final["digest"])
 
     report = {
         "config": asdict(cfg), "model": asdict(model), "device": str(inputs.device),
@@ -187,6 +224,7 @@ def run_flow(cfg: RunConfig) -> dict:
         "model_folder": final["path"], "blocks": records,
         "perplexity": {"dense": dense["perplexity"], "pruned": pruned_ppl,
                        "finetuned": tuned_ppl},
+        "zeroshot": zs if cfg.zeroshot.tasks else None,
         "states": states, "seconds": timings,
         "wall_seconds": round(time.monotonic() - started, 1),
     }
