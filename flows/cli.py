@@ -46,7 +46,7 @@ def add_dense_flags(dense: argparse.ArgumentParser) -> None:
 def add_run_flags(run: argparse.ArgumentParser) -> None:
     prune = run.add_argument_group("pruning (the mask stage)")
     prune.add_argument("--method", default="wanda",
-                       help="magnitude, wanda, sparsegpt, wanda+dsnot, sparsegpt+dsnot")
+                       help="magnitude, wanda, sparsegpt, each optionally +dsnot (e.g. wanda+dsnot)")
     prune.add_argument("--sparsity", type=float, default=0.5,
                        help="fraction of weights pruned in every linear layer of every block")
     prune.add_argument("--pattern", default=None, help="N:M semi-structured, e.g. 2:4 or 4:8")

@@ -67,7 +67,7 @@ def test_bad_patterns_are_clear_errors(sparsity, nm, match):
 
 def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(UserError, match="choose one of magnitude, sparsegpt, wanda, "
-                       "sparsegpt\\+dsnot, wanda\\+dsnot"):
+                       "magnitude\\+dsnot, sparsegpt\\+dsnot, wanda\\+dsnot"):
         split_method("nope")
     with pytest.raises(UserError, match="is unknown"):
         sparsify("nope", weight(), parse_pattern(0.5))

@@ -95,7 +95,7 @@ def check_nm_fits(cols: int, pattern: Pattern) -> None:
 def method_names() -> list[str]:
     """Every valid --method: the base methods, and each with DSnoT reselection on top."""
     bases = sorted(name for name in METHODS if name != "dsnot")
-    return bases + [f"{name}+dsnot" for name in bases if name in ("wanda", "sparsegpt")]
+    return bases + [f"{name}+dsnot" for name in bases]
 
 
 def split_method(name: str) -> tuple[str, bool]:
