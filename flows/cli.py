@@ -105,7 +105,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(run)
     # Taken from the preset. Not a string, so argparse does not run it through the flag's type.
     run.set_defaults(nsamples=None, eval_windows=FROM_PRESET)
+    sweep = sub.add_parser("sweep", help="a grid of configurations sharing cached stages")
+    add_dense_flags(sweep)
+    add_run_flags(sweep)
+    add_sweep_flags(sweep)
+    sweep.set_defaults(nsamples=None, eval_windows=FROM_PRESET)
+    report = sub.add_parser("report", help="rebuild a sweep's tables from stored run reports")
+    report.add_argument("--store", default=os.environ.get("EBFT_STORE", ".ebft-store"))
+    report.add_argument("--sweep", default=None,
+                        help="a sweep key (sweeps/<key>/); default: every run report in the store")
+    report.add_argument("--out", default=None, help="folder for tables and plots")
     return parser
+
+
+def add_sweep_flags(sweep: argparse.ArgumentParser) -> None:
+    grid = sweep.add_argument_group("the grid (each a comma list; other flags set the base)")
+    grid.add_argument("--models", default="", help="models (default: --model)")
+    grid.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    grid.add_argument("--sparsities", default="0.5,0.6,0.7", help="ratios and/or N:M patterns")
+    grid.add_argument("--finetunes", default="none,dsnot,ebft",
+                      help="none, ebft, dsnot (the method + DSnoT), mask (EBFT mask tuning)")
+    grid.add_argument("--nsamples-grid", default="",
+                      help="calibration sizes, e.g. 8,16,32 (default: --nsamples)")
+    grid.add_argument("--parallel", type=int, default=1,
+                      help="configurations at once on the thread task runner")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             return _dense(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "report":
+            return _report(args)
     except UserError as err:
         print(f"ebft: error: {err}", file=sys.stderr)
         return 2
@@ -217,6 +244,64 @@ def _run(args: argparse.Namespace) -> int:
     if report is None:
         return 1
     print_summary(report)
+    return 0
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    _prefect_env(args.store)
+    from flows.sweep import SweepConfig, check, sweep_flow
+
+    try:
+        nsamples = tuple(int(n) for n in _csv(args.nsamples_grid))
+    except ValueError:
+        raise UserError(f"--nsamples-grid {args.nsamples_grid!r}: give integers, e.g. 8,16,32")
+    sweep = SweepConfig(run_config(args), _csv(args.models), _csv(args.methods),
+                        _csv(args.sparsities), _csv(args.finetunes), nsamples, args.parallel)
+    configs = check(sweep)  # bad input fails here, in one line, before Prefect starts
+    print(f"ebft sweep: {len(configs)} configurations, preset {args.preset}", flush=True)
+    result = _finish(sweep_flow(sweep, return_state=True))
+    if result is None:
+        return 1
+    print("\n" + result["markdown"])
+    print(f"tables/plots {result['path']}  ({', '.join(result['plots'])})")
+    print(f"wall time    {result['wall_seconds']:.1f}s for {result['configurations']} "
+          "configurations")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from stages import reports
+    from store import Store
+
+    store = Store(args.store)
+    if args.sweep:
+        index = store.path("sweeps", args.sweep) / "sweep.json"
+        if not index.is_file():
+            raise UserError(f"--sweep {args.sweep}: no sweep with that key in {store.root}; "
+                            f"see {store.root / 'sweeps'}")
+        paths = [Path(p) for p in json.loads(index.read_text())["reports"]]
+    else:
+        paths = sorted(store.root.glob("reports/*/report.json"))
+    if not paths:
+        raise UserError(f"no run reports in {store.root}; run `ebft run` or `ebft sweep` first")
+    from flows.sweep import block_losses
+
+    rows = reports.load_reports(paths)
+    out = Path(args.out) if args.out else None
+    if out is None:
+        print("\n".join(f"### {name}\n\n{reports.markdown(t)}\n"
+                        for name, t in reports.build_tables(rows).items()))
+        return 0
+    written = reports.write(rows, out, block_losses([str(p) for p in paths]))
+    print(written["markdown"])
+    print(f"tables/plots {out}  ({', '.join(written['plots'])})")
     return 0
 
 

@@ -1,0 +1,185 @@
+"""Tables and plots in the shape of the paper's, built from stored run reports only.
+
+Every run of ``ebft run`` writes ``reports/<config key>/report.json``; this module turns a
+list of those into one row per configuration and pivots the rows into the paper's tables:
+Table 1/2 (perplexity per method and sparsity or N:M pattern, before and after
+fine-tuning), Table 3 (zero-shot accuracy), Table 6 (weights vs. mask tuning) and Figure 2
+(perplexity vs. number of calibration samples). Nothing here recomputes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+FINETUNE_LABELS = {"none": "", "dsnot": "w. DSnoT", "ebft": "w. EBFT", "mask": "w. EBFT (mask)"}
+FINETUNE_ORDER = list(FINETUNE_LABELS)
+
+
+def flatten(report: dict) -> dict:
+    """One configuration's run report as one flat row."""
+    cfg = report["config"]
+    base, _, refine = cfg["prune"]["method"].partition("+")
+    if refine:
+        finetune = "dsnot"
+    elif cfg["finetune"] == "none":
+        finetune = "none"
+    else:
+        finetune = "mask" if cfg["train"]["tune"] == "mask" else "ebft"
+    ppl = report["perplexity"]
+    final = ppl["finetuned"] or ppl["pruned"]
+    seconds = report["seconds"]
+    row = {
+        "model": report["model"]["name"], "method": base, "finetune": finetune,
+        "sparsity": cfg["prune"]["pattern"] or f"{cfg['prune']['sparsity']:.0%}",
+        "ratio": report["mask_report"]["overall_sparsity"],
+        "nsamples": cfg["dense"]["nsamples"], "dense_ppl": ppl["dense"]["perplexity"],
+        "pruned_ppl": ppl["pruned"]["perplexity"], "ppl": final["perplexity"],
+        "eval_windows": f"{ppl['dense']['windows']}/{ppl['dense']['windows_total']}",
+        # the cost of recovering: EBFT's blocks, or the mask stage itself for DSnoT
+        "finetune_seconds": seconds.get("ebft", seconds.get("masks", 0.0) if refine else 0.0),
+        "wall_seconds": report["wall_seconds"], "report": report.get("report_path", ""),
+    }
+    zeroshot = report.get("zeroshot") or {}
+    final_zs = zeroshot.get("finetuned") or zeroshot.get("pruned")
+    for label, result in (("dense", zeroshot.get("dense")), ("", final_zs)):
+        if result:
+            prefix = f"{label}_acc" if label else "acc"
+            for task, values in result["tasks"].items():
+                row[f"{prefix}_{task}"] = values["acc"]
+            row[f"{prefix}_mean"] = result["mean_acc"]
+            row["zeroshot_limit"] = result["limit"]
+    return row
+
+
+def load_reports(paths: list[Path]) -> pd.DataFrame:
+    rows = [flatten(json.loads(Path(p).read_text()) | {"report_path": str(p)}) for p in paths]
+    return sort_rows(pd.DataFrame(rows))
+
+
+def _sparsity_order(label: str) -> tuple:
+    """50% < 60% < 70% < 2:4 < 4:8: ratios first, then N:M patterns by density."""
+    if label.endswith("%"):
+        return (0, float(label[:-1]))
+    n, m = (int(x) for x in label.split(":"))
+    return (1, -n / m, m)
+
+
+def sort_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    if rows.empty:
+        return rows
+    order = rows.assign(_s=rows["sparsity"].map(_sparsity_order),
+                        _f=rows["finetune"].map(FINETUNE_ORDER.index))
+    order = order.sort_values(["model", "nsamples", "method", "_f", "_s"])
+    return order.drop(columns=["_s", "_f"]).reset_index(drop=True)
+
+
+def _row_label(method: str, finetune: str) -> str:
+    return f"{method.capitalize()} {FINETUNE_LABELS[finetune]}".strip()
+
+
+def perplexity_table(rows: pd.DataFrame, structured: bool) -> pd.DataFrame:
+    """Table 1 (unstructured ratios) or Table 2 (N:M): method × recovery, one column each."""
+    mask = rows["sparsity"].str.contains(":") == structured
+    part = rows[mask & (rows["nsamples"] == rows["nsamples"].max())]
+    if part.empty:
+        return pd.DataFrame()
+    columns = sorted(part["sparsity"].unique(), key=_sparsity_order)
+    table = {"Dense": {c: part["dense_ppl"].iloc[0] for c in columns}}
+    for (method, finetune), group in part.groupby(["method", "finetune"], sort=False):
+        table[_row_label(method, finetune)] = dict(zip(group["sparsity"], group["ppl"]))
+    out = pd.DataFrame.from_dict(table, orient="index")[columns]
+    out.index.name = "method"
+    return out
+
+
+def zeroshot_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Table 3: accuracy per task and the mean, dense first, one row per configuration."""
+    tasks = [c for c in rows.columns if c.startswith("acc_") and c != "acc_mean"]
+    if not tasks:
+        return pd.DataFrame()
+    first = rows.iloc[0]
+    table = {"Dense": {t[4:]: first.get(f"dense_{t}") for t in tasks}
+             | {"mean": first.get("dense_acc_mean")}}
+    for _, row in rows.dropna(subset=["acc_mean"]).iterrows():
+        label = f"{_row_label(row['method'], row['finetune'])} ({row['sparsity']})"
+        table[label] = {t[4:]: row[t] for t in tasks} | {"mean": row["acc_mean"]}
+    out = pd.DataFrame.from_dict(table, orient="index")
+    out.index.name = "model"
+    return out
+
+
+def tuning_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Table 6: the pruned model, EBFT on weights and EBFT on the mask, side by side."""
+    part = rows[rows["finetune"].isin(["none", "ebft", "mask"])]
+    if not (part["finetune"] == "mask").any():
+        return pd.DataFrame()
+    out = part.pivot_table(index=["method", "sparsity"], columns="finetune", values="ppl",
+                           aggfunc="first")
+    out = out.rename(columns={"none": "pruned", "ebft": "weights tuning", "mask": "mask tuning"})
+    return out[[c for c in ("pruned", "weights tuning", "mask tuning") if c in out.columns]]
+
+
+def calibration_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Figure 2's data: perplexity vs. number of calibration samples, per configuration."""
+    if rows["nsamples"].nunique() < 2:
+        return pd.DataFrame()
+    labels = rows.apply(lambda r: f"{_row_label(r['method'], r['finetune'])} "
+                                  f"({r['sparsity']})", axis=1)
+    out = rows.assign(config=labels).pivot_table(index="nsamples", columns="config",
+                                                 values="ppl", aggfunc="first")
+    return out
+
+
+def markdown(table: pd.DataFrame, digits: int = 2) -> str:
+    """A GitHub Markdown table (written here to keep tabulate out of the dependencies)."""
+    if table.empty:
+        return ""
+    frame = table.reset_index()
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "–" if math.isnan(value) else f"{value:.{digits}f}"
+        return str(value)
+
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
+    return "\n".join([header, rule, *body])
+
+
+TABLES = {
+    "table1_perplexity_unstructured": lambda r: perplexity_table(r, structured=False),
+    "table2_perplexity_nm": lambda r: perplexity_table(r, structured=True),
+    "table3_zeroshot": zeroshot_table,
+    "table6_weights_vs_mask": tuning_table,
+    "figure2_calibration_size": calibration_table,
+}
+
+
+def build_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Every table the rows can fill (empty ones are left out)."""
+    tables = {name: make(rows) for name, make in TABLES.items()}
+    return {name: t for name, t in tables.items() if not t.empty}
+
+
+def write(rows: pd.DataFrame, out: Path, block_losses: dict[str, list[dict]]) -> dict:
+    """Write rows and tables as CSV, Parquet and Markdown, and the plots as PNG."""
+    from stages import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(out / "runs.csv", index=False)
+    rows.to_parquet(out / "runs.parquet", index=False)
+    tables = build_tables(rows)
+    sections = []
+    for name, table in tables.items():
+        table.to_csv(out / f"{name}.csv")
+        table.reset_index().to_parquet(out / f"{name}.parquet", index=False)
+        digits = 4 if name == "table3_zeroshot" else 2
+        sections.append(f"### {name}\n\n{markdown(table, digits)}\n")
+    written = plots.draw_all(rows, block_losses, out)
+    (out / "tables.md").write_text("\n".join(sections))
+    return {"tables": sorted(tables), "plots": written, "markdown": "\n".join(sections)}

@@ -1,0 +1,108 @@
+"""Sweeps share cached stages; reports rebuild the same tables from disk."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import build_tiny_model
+
+from flows.cli import main
+from flows.dense import DenseConfig
+from flows.run import RunConfig
+from flows.sweep import SweepConfig, expand, sweep_flow
+from stages import reports
+from stages.errors import UserError
+
+
+def base_config(store: Path, model: Path, data_dir: Path) -> RunConfig:
+    dense = DenseConfig(model=str(model), store=str(store), data_dir=str(data_dir), nsamples=8,
+                        seqlen=64, eval_seqlen=64, eval_windows=2, batch_size=4)
+    cfg = RunConfig(dense=dense)
+    return replace(cfg, train=replace(cfg.train, batch_size=2, max_epochs=1, holdout=0.25,
+                                      lr=1e-3))
+
+
+def test_the_grid_expands_to_every_configuration():
+    sweep = SweepConfig(methods=("magnitude", "wanda"), sparsities=("0.5", "2:4"),
+                        finetunes=("none", "dsnot", "ebft", "mask"), nsamples=(8, 16))
+    configs = expand(sweep)
+    assert len(configs) == 2 * 2 * 4 * 2
+    methods = {c.prune.method for c in configs}
+    assert methods == {"magnitude", "wanda", "magnitude+dsnot", "wanda+dsnot"}
+    assert {(c.finetune, c.train.tune) for c in configs if "+" not in c.prune.method} == {
+        ("none", "weights"), ("ebft", "weights"), ("ebft", "mask")}
+    assert {c.prune.pattern for c in configs} == {None, "2:4"}
+    with pytest.raises(UserError, match="choose from none, ebft, dsnot, mask"):
+        expand(replace(sweep, finetunes=("lora",)))
+    with pytest.raises(UserError, match="--sparsities 'half'"):
+        expand(replace(sweep, sparsities=("half",)))
+
+
+@pytest.fixture(scope="module")
+def sweep_result(prefect_server, tmp_path_factory, data_dir):
+    model = build_tiny_model(tmp_path_factory.mktemp("sweep-model"))
+    store = tmp_path_factory.mktemp("sweep-store")
+    sweep = SweepConfig(base_config(store, model, data_dir), methods=("magnitude", "wanda"),
+                        sparsities=("0.5", "0.7"), finetunes=("none", "ebft"), parallel=2)
+    return sweep, sweep_flow(sweep)
+
+
+def test_a_parallel_sweep_computes_the_shared_stages_once(sweep_result):
+    _, result = sweep_result
+    index = json.loads((Path(result["path"]) / "sweep.json").read_text())
+    runs = [json.loads(Path(p).read_text()) for p in index["reports"]]
+    assert len(runs) == result["configurations"] == 8
+    for stage in ("calibration", "dense-capture", "perplexity"):
+        states = [r["states"][stage] for r in runs]
+        assert states.count("Completed") == 1 and states.count("Cached") == 7, (stage, states)
+    # masks: once per (method, sparsity), shared by the none and ebft configurations
+    by_mask: dict[str, list[str]] = {}
+    for r in runs:
+        by_mask.setdefault(r["masks"]["key"], []).append(r["states"]["masks"])
+    assert len(by_mask) == 4
+    assert all(sorted(s) == ["Cached", "Completed"] for s in by_mask.values())
+
+
+def test_the_sweep_writes_tables_plots_and_data(sweep_result):
+    _, result = sweep_result
+    out = Path(result["path"])
+    assert result["tables"] == ["table1_perplexity_unstructured"]
+    assert set(result["plots"]) == {"perplexity_vs_sparsity.png", "block_losses.png"}
+    for name in result["plots"]:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    table = pd.read_csv(out / "table1_perplexity_unstructured.csv", index_col=0)
+    assert list(table.index) == ["Dense", "Magnitude", "Magnitude w. EBFT", "Wanda",
+                                 "Wanda w. EBFT"]
+    assert list(table.columns) == ["50%", "70%"]
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert len(runs) == 8 and (runs.loc[runs.finetune == "ebft", "finetune_seconds"] > 0).all()
+    for method in ("Magnitude", "Wanda"):  # EBFT recovers on the tiny model too
+        assert (table.loc[f"{method} w. EBFT"] < table.loc[method]).all()
+
+
+def test_ebft_report_rebuilds_the_same_tables_from_disk(sweep_result, tmp_path, capsys):
+    sweep, result = sweep_result
+    code = main(["report", "--store", sweep.base.dense.store, "--sweep", sweep.key(),
+                 "--out", str(tmp_path)])
+    assert code == 0
+    original = Path(result["path"])
+    assert (tmp_path / "tables.md").read_text() == (original / "tables.md").read_text()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "runs.parquet"),
+                                  pd.read_parquet(original / "runs.parquet"))
+    assert "| Wanda w. EBFT |" in capsys.readouterr().out
+
+
+def test_report_errors_are_one_line(tmp_path, capsys):
+    assert main(["report", "--store", str(tmp_path)]) == 2
+    assert "no run reports" in capsys.readouterr().err
+    assert main(["report", "--store", str(tmp_path), "--sweep", "nope"]) == 2
+    assert "--sweep nope: no sweep" in capsys.readouterr().err
+
+
+def test_markdown_tables_are_well_formed():
+    table = pd.DataFrame({"50%": [10.0, float("nan")]}, index=pd.Index(["a", "b"], name="m"))
+    assert reports.markdown(table) == "| m | 50% |\n|---|---|\n| a | 10.00 |\n| b | – |"
