@@ -129,6 +129,10 @@ def add_sweep_flags(sweep: argparse.ArgumentParser) -> None:
                       help="calibration sizes, e.g. 8,16,32 (default: --nsamples)")
     grid.add_argument("--parallel", type=int, default=1,
                       help="configurations at once on the thread task runner")
+    grid.add_argument("--task-runner", default="threads",
+                      help="threads, dask (prefect-dask) or ray (prefect-ray)")
+    grid.add_argument("--address", default=None,
+                      help="address of an existing Dask scheduler or Ray cluster")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +264,8 @@ def _sweep(args: argparse.Namespace) -> int:
     except ValueError:
         raise UserError(f"--nsamples-grid {args.nsamples_grid!r}: give integers, e.g. 8,16,32")
     sweep = SweepConfig(run_config(args), _csv(args.models), _csv(args.methods),
-                        _csv(args.sparsities), _csv(args.finetunes), nsamples, args.parallel)
+                        _csv(args.sparsities), _csv(args.finetunes), nsamples, args.parallel,
+                        args.task_runner, args.address)
     configs = check(sweep)  # bad input fails here, in one line, before Prefect starts
     print(f"ebft sweep: {len(configs)} configurations, preset {args.preset}", flush=True)
     result = _finish(sweep_flow(sweep, return_state=True))

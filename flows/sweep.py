@@ -36,7 +36,10 @@ class SweepConfig:
     sparsities: tuple[str, ...] = ("0.5", "0.6", "0.7")  # ratios or N:M patterns
     finetunes: tuple[str, ...] = ("none", "dsnot", "ebft")  # of RECOVERIES
     nsamples: tuple[int, ...] = ()  # empty: the base config's
-    parallel: int = 1  # configurations run at once by the default (thread) task runner
+    parallel: int = 1  # configurations at once on the thread task runner
+    task_runner: str = "threads"  # threads, dask or ray (Prefect's integrations)
+    address: str | None = None  # an existing Dask scheduler or Ray cluster; None: local
+
 
     def key(self) -> str:
         return digest_json(asdict(self))[:16]
@@ -79,10 +82,32 @@ def _sparsity_fields(value: str) -> dict:
                         "2:4, comma separated") from None
 
 
+def task_runner_for(sweep: SweepConfig):
+    """Prefect's own task runners; Dask and Ray come from prefect-dask and prefect-ray."""
+    if sweep.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=sweep.parallel)
+    if sweep.task_runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise UserError("--task-runner dask needs prefect-dask: pip install prefect-dask") \
+                from None
+        return DaskTaskRunner(address=sweep.address) if sweep.address else DaskTaskRunner()
+    if sweep.task_runner == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise UserError("--task-runner ray needs prefect-ray: pip install prefect-ray") \
+                from None
+        return RayTaskRunner(address=sweep.address) if sweep.address else RayTaskRunner()
+    raise UserError(f"--task-runner {sweep.task_runner!r}: choose threads, dask or ray")
+
+
 def check(sweep: SweepConfig) -> list[RunConfig]:
     """Expand the grid and check every configuration before anything runs."""
     if sweep.parallel <= 0:
         raise UserError(f"--parallel {sweep.parallel}: must be at least 1")
+    task_runner_for(sweep)
     configs = expand(sweep)
     if not configs:
         raise UserError("the sweep is empty: give at least one method, sparsity and finetune")
@@ -139,9 +164,7 @@ def publish(result: dict, rows_csv: Path) -> None:
 def sweep_flow(sweep: SweepConfig) -> dict:
     started = time.monotonic()
     configs = check(sweep)
-    runner_flow = sweep_configurations.with_options(
-        task_runner=ThreadPoolTaskRunner(max_workers=sweep.parallel))
-    paths = runner_flow(configs)
+    paths = sweep_configurations.with_options(task_runner=task_runner_for(sweep))(configs)
     store = Store(sweep.base.dense.store)
     result = write_sweep_report(store, sweep.key(), paths,
                                 {"sweep": asdict(sweep),

@@ -238,3 +238,13 @@ def test_prefect_yaml_deployment_parameters_are_valid_configs():
     cfg = run_flow.validate_parameters(run["parameters"])["cfg"]
     assert isinstance(cfg, RunConfig) and cfg.prune.method == "wanda"
     assert cfg.train.max_epochs == 2 and cfg.dense.eval_windows is None
+    from flows.sweep import SweepConfig, expand, sweep_flow
+
+    sweeps = {d["name"]: d for d in deployments if d["entrypoint"] == "flows/sweep.py:sweep_flow"}
+    assert set(sweeps) == {"smollm2-table1-nightly", "llama2-7b-paper"}
+    nightly = sweep_flow.validate_parameters(sweeps["smollm2-table1-nightly"]["parameters"])
+    assert isinstance(nightly["sweep"], SweepConfig)
+    assert len(expand(nightly["sweep"])) == 27  # 3 methods x 3 sparsities x 3 recoveries
+    assert nightly["sweep"].base.zeroshot.limit == 500
+    paper = sweep_flow.validate_parameters(sweeps["llama2-7b-paper"]["parameters"])["sweep"]
+    assert paper.base.dense.nsamples == 256 and paper.base.train.max_epochs == 10

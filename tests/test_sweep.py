@@ -13,7 +13,7 @@ from conftest import build_tiny_model
 from flows.cli import main
 from flows.dense import DenseConfig
 from flows.run import RunConfig
-from flows.sweep import SweepConfig, expand, sweep_flow
+from flows.sweep import SweepConfig, check, expand, sweep_flow
 from stages import reports
 from stages.errors import UserError
 
@@ -40,6 +40,10 @@ def test_the_grid_expands_to_every_configuration():
         expand(replace(sweep, finetunes=("lora",)))
     with pytest.raises(UserError, match="--sparsities 'half'"):
         expand(replace(sweep, sparsities=("half",)))
+    with pytest.raises(UserError, match="choose threads, dask or ray"):
+        check(replace(sweep, task_runner="celery"))
+    with pytest.raises(UserError, match="--parallel 0"):
+        check(replace(sweep, parallel=0))
 
 
 @pytest.fixture(scope="module")
