@@ -77,25 +77,19 @@ class NonFiniteLoss(UserError):
 
 @functools.cache
 def bf16_is_fast(device_type: str) -> bool:
-    """Whether bf16 matmuls beat fp32 here: true on bf16-capable GPUs, measured on CPU.
+    """Whether the hardware has native bf16 matmuls: bf16-capable GPUs, AVX512-BF16/AMX CPUs.
 
-    CPUs without native bf16 instructions (AVX2-only, like our 2-core CI machines) run bf16
-    matmuls hundreds of times slower than fp32, so 'auto' must not assume autocast helps.
+    A hardware fact, not a timing, so 'auto' makes the same choice on every run of a
+    machine (a timing probe flipped under load and broke bit-reproducibility). CPUs without
+    native bf16 (AVX2 only, like our 2-core CI machines) run bf16 matmuls hundreds of times
+    slower than fp32, so there 'auto' means fp32.
     """
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device_type != "cpu":
         return False
-    a32 = torch.randn(128, 128)
-    a16 = a32.to(torch.bfloat16)
-    timings = {}
-    for name, a in (("fp32", a32), ("bf16", a16)):
-        a @ a  # warm up
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ a
-        timings[name] = time.perf_counter() - start
-    return timings["bf16"] < timings["fp32"]
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
@@ -255,5 +249,6 @@ def train_block(block, keep: dict[str, torch.Tensor], batches: Batches, train_ro
             "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
             "loss_measured_on": "held-out" if holdout_rows else "train",
             "early_stopped": epochs < cfg.max_epochs,
+            "autocast": "none" if isinstance(amp, contextlib.nullcontext) else "bfloat16",
             "kept": {name: int(k.sum()) for name, k in final_keep.items()},
             "_keep": final_keep}
