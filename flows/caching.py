@@ -3,7 +3,8 @@
 The key is the stage spec's content digest (inputs' content + parameters + code version),
 never the run id or a path. Records live in ``<store>/prefect/`` so a shared store shares
 its cache; SERIALIZABLE isolation with file locks makes two concurrent runs compute a
-stage once. If a record exists but the artifact it points to is gone, the stage reruns.
+stage once. If a record exists but the artifact it points to is gone or corrupted (its files
+no longer match its DIGEST), the stage reruns.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def run_stage(task, kind: str, store: Store, spec, **kwargs) -> State:
         # waiting to happen, and two stores must never share result files.
         result_storage=base / "results",
         result_serializer="json",  # results are paths and digests; nothing is ever unpickled
-        refresh_cache=store.get(kind, spec.key()) is None,
+        # No artifact, or one whose files no longer match its digest (then it is deleted):
+        # the record is ignored and the stage recomputes.
+        refresh_cache=store.checked(kind, spec.key()) is None,
     )
     return configured(spec=spec, store_root=str(store.root), return_state=True, **kwargs)

@@ -8,6 +8,7 @@ import sys
 import time
 
 from stages.errors import UserError
+from store import StoreFull
 
 
 def _positive_or_none(value: str) -> int | None:
@@ -18,7 +19,7 @@ def _positive_or_none(value: str) -> int | None:
 # paper's setting (256 x 1024 C4 windows, up to 10 epochs, full Wikitext-2 test set).
 FROM_PRESET = object()  # marks a flag the user left to the preset
 PRESETS = {
-    "default": {"nsamples": 16, "epochs": 2, "train_batch_size": 2, "eval_windows": 6},
+    "default": {"nsamples": 16, "epochs": 2, "train_batch_size": 2, "eval_windows": 4},
     "paper": {"nsamples": 256, "epochs": 10, "train_batch_size": 8, "eval_windows": None},
 }
 
@@ -148,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
     except UserError as err:
         print(f"ebft: error: {err}", file=sys.stderr)
+        return 2
+    except StoreFull as err:
+        print(f"ebft: error: {err.strerror}", file=sys.stderr)
         return 2
     return 1
 
@@ -348,11 +352,11 @@ def print_zeroshot(results: dict, labels: dict[str, str]) -> None:
         print(f"zero-shot    skipped {task}: {why}")
 
 
-def _user_error(state) -> UserError | None:
-    """A UserError raised inside the flow, to print as one line instead of a traceback."""
+def _user_error(state) -> UserError | StoreFull | None:
+    """A UserError (or a full disk) raised inside the flow, to print as one line."""
     try:
         state.result()
-    except UserError as err:
+    except (UserError, StoreFull) as err:
         return err
     except Exception:  # noqa: BLE001 - any other failure is reported as such
         return None

@@ -12,6 +12,7 @@ import torch
 from prefect import flow, task
 
 from flows.caching import run_stage
+from stages import architecture as arch
 from stages import calibration, capture, data, zeroshot
 from stages import perplexity as ppl
 from stages.devices import resolve_device, resolve_dtype
@@ -103,7 +104,16 @@ def prepare_dense(cfg: DenseConfig) -> Inputs:
     context = load_model_config(model).get("max_position_embeddings")
     calibration.validate(cfg.nsamples, cfg.seqlen, context)
     calibration.validate(1, cfg.eval_seqlen, context, "--eval-seqlen")
+    arch.decoder_blocks(meta_model(model))  # a model without decoder blocks fails here
     return Inputs(store, directory, device, dtype, model)
+
+
+def meta_model(model: ModelSource):
+    """The model's modules without weights (meta device): its shapes, for checks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model.path))
 
 
 prepare = prepare_dense

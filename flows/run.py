@@ -11,7 +11,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
-import torch
 from prefect import flow, task
 
 from flows.caching import run_stage
@@ -117,14 +116,11 @@ def prepare(cfg: RunConfig) -> Inputs:
 
 def check_layers_fit(model: ModelSource, pattern) -> None:
     """N:M needs every pruned layer's input size divisible by M; checked on a meta model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     import stages.architecture as arch
+    from flows.dense import meta_model
     from stages.masks.core import check_nm_fits
 
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model.path))
-    for linear in arch.linear_layers(arch.decoder_blocks(meta)[0]).values():
+    for linear in arch.linear_layers(arch.decoder_blocks(meta_model(model))[0]).values():
         check_nm_fits(linear.in_features, pattern)
 
 
@@ -173,7 +169,7 @@ def run_flow(cfg: RunConfig) -> dict:
         device=str(inputs.device)))
 
     pruned_spec = replace(dense["perplexity_spec"],
-                          model_digest=digest_json([model.digest, masks["digest"]]))
+                          model_digest=digest_json([model.digest, masks["key"]]))
     pruned_ppl = timed("perplexity-pruned", lambda: run_stage(
         perplexity_task, "perplexity", store, pruned_spec, model=model,
         data_dir=cfg.dense.data_dir, device=str(inputs.device), masks=masks))
@@ -249,7 +245,7 @@ def mask_summary(masks: Artifact) -> dict:
 
 def write_report(store: Store, cfg: RunConfig, report: dict) -> str:
     """The machine-readable run report, replaced atomically on every run of this config."""
-    with store.writing("reports", cfg.key()) as tmp:
+    with store.writing("reports", cfg.key(), replace=True) as tmp:
         store.write_json(tmp, "report.json", report)
     return str(store.path("reports", cfg.key()) / "report.json")
 

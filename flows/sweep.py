@@ -142,7 +142,7 @@ def block_losses(paths: list[str]) -> dict[str, list[dict]]:
 def write_sweep_report(store: Store, key: str, paths: list[str], extra: dict) -> dict:
     """Tables, plots and an index of the run reports, written atomically under sweeps/<key>."""
     rows = reports.load_reports([Path(p) for p in paths])
-    with store.writing("sweeps", key) as tmp:
+    with store.writing("sweeps", key, replace=True) as tmp:
         written = reports.write(rows, tmp, block_losses(paths))
         store.write_json(tmp, "sweep.json", {"reports": paths, **extra, **written})
     return {"path": str(store.path("sweeps", key)), **written}

@@ -9,9 +9,13 @@ nothing half-written under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -20,6 +24,13 @@ from pathlib import Path
 from store.hashing import digest_path
 
 DIGEST_FILE = "DIGEST"
+PUBLISHED_LOG = "published.jsonl"
+logger = logging.getLogger(__name__)
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+class StoreFull(OSError):
+    """The store's disk is full: said in one line, with the fix, and nothing left behind."""
 
 
 @dataclass(frozen=True)
@@ -54,9 +65,29 @@ class Store:
         """Recompute the digest of the files and compare with the stored one."""
         return digest_path(Path(artifact.path)) == artifact.digest
 
+    def checked(self, kind: str, key: str) -> Artifact | None:
+        """The artifact under this key if its files still match its digest, else None.
+
+        A corrupted artifact (a truncated chunk, flipped bytes, a missing file) is deleted,
+        so the stage that made it recomputes it: it is never silently used. Costs one read
+        of the artifact's files (about a second per GB).
+        """
+        found = self.get(kind, key)
+        if found is None or self.verify(found):
+            return found
+        logger.warning("%s/%s does not match its digest: deleted, it will be recomputed",
+                       kind, key)
+        self.delete(kind, key)
+        return None
+
     @contextlib.contextmanager
-    def writing(self, kind: str, key: str) -> Iterator[Path]:
-        """Yield a temporary folder; on success it becomes the artifact, on error it is removed."""
+    def writing(self, kind: str, key: str, replace: bool = False) -> Iterator[Path]:
+        """Yield a temporary folder; on success it becomes the artifact, on error it is removed.
+
+        Content-keyed artifacts are immutable: if another process published the same key
+        meanwhile, its copy stays and ours is dropped. ``replace=True`` is for documents
+        that describe the latest run (run reports, sweep tables): the new one replaces the old.
+        """
         final = self.path(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
@@ -64,12 +95,36 @@ class Store:
         try:
             yield tmp
             (tmp / DIGEST_FILE).write_text(digest_path(tmp) + "\n")
-            if final.exists():  # an incomplete leftover, or a corrupted artifact being replaced
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            if replace or self.get(kind, key) is None:  # else keep what was published meanwhile
+                if final.exists():  # an incomplete leftover, or the document being replaced
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                self._log_published(kind, key)
+        except OSError as err:
+            if err.errno not in NO_SPACE:
+                raise
+            raise StoreFull(err.errno, f"no space left on the device of the store {self.root} "
+                            f"while writing {kind}/{key}: free space, or pass --store on a "
+                            "larger disk") from err
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def _log_published(self, kind: str, key: str) -> None:
+        """One JSON line per published artifact (what was computed, when, by which process).
+
+        Appends of one short line are atomic on local POSIX files, so concurrent runs can
+        share the log; it is an audit trail, never read by the pipeline.
+        """
+        line = json.dumps({"kind": kind, "key": key, "time": time.time(), "pid": os.getpid(),
+                           "host": socket.gethostname()})
+        with open(self.root / PUBLISHED_LOG, "a") as f:
+            f.write(line + "\n")
+
+    def published(self) -> list[dict]:
+        path = self.root / PUBLISHED_LOG
+        return [json.loads(line) for line in path.read_text().splitlines()] \
+            if path.exists() else []
 
     def delete(self, kind: str, key: str) -> None:
         """Remove an artifact: renamed away first, so it is never seen half-deleted."""

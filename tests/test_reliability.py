@@ -1,8 +1,12 @@
-"""Reliability: a run killed with SIGKILL resumes where it stopped, with the same weights."""
+"""Reliability: kill -9 and resume, concurrent runs, corrupted artifacts, a full disk, and
+a store that is never unpickled."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -15,17 +19,22 @@ from conftest import build_tiny_model
 from safetensors import safe_open
 
 from flows.caching import ProcessAwareLockManager
+from flows.cli import main
+from store import Store
 
 ROOT = Path(__file__).parents[1]
 
 
-def ebft_run(model: Path, store: Path, data_dir: Path) -> subprocess.Popen:
+def run_flags(model: Path, store: Path, data_dir: Path, epochs: int = 40) -> list[str]:
+    return ["run", "--model", str(model), "--store", str(store), "--data-dir", str(data_dir),
+            "--nsamples", "8", "--seqlen", "64", "--eval-seqlen", "64", "--eval-windows", "1",
+            "--batch-size", "4", "--train-batch-size", "2", "--epochs", str(epochs),
+            "--tolerance", "0", "--holdout", "0.25", "--lr", "1e-4"]
+
+
+def ebft_run(model: Path, store: Path, data_dir: Path, epochs: int = 40) -> subprocess.Popen:
     """`ebft run` in its own process (and its own ephemeral Prefect server)."""
-    args = [sys.executable, "-m", "flows.cli", "run", "--model", str(model), "--store",
-            str(store), "--data-dir", str(data_dir), "--nsamples", "8", "--seqlen", "64",
-            "--eval-seqlen", "64", "--eval-windows", "1", "--batch-size", "4",
-            "--train-batch-size", "2", "--epochs", "40", "--tolerance", "0",
-            "--holdout", "0.25", "--lr", "1e-4"]
+    args = [sys.executable, "-m", "flows.cli", *run_flags(model, store, data_dir, epochs)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -91,3 +100,159 @@ def test_a_lock_of_a_dead_process_is_broken_and_a_live_one_is_kept(tmp_path):
     # A lock without an owner note (another tool, or one being written) is respected.
     (tmp_path / "stage-b.lock").write_text('{"holder": "x", "expiration": null}')
     assert manager.is_locked("stage-b")
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_of_one_configuration_compute_each_artifact_once(tmp_path,
+                                                                           data_dir):
+    model = build_tiny_model(tmp_path / "model")
+    store = tmp_path / "store"
+    outputs = [finished(p) for p in [ebft_run(model, store, data_dir, epochs=3)
+                                     for _ in range(2)]]
+    published = Store(store).published()
+    computed = [(e["kind"], e["key"]) for e in published if e["kind"] != "reports"]
+    assert computed and len(computed) == len(set(computed)), "an artifact was computed twice"
+    kinds = {kind for kind, _ in computed}
+    assert {"calibration", "activations", "masks", "ebft-block", "models-sparse"} <= kinds
+    assert_store_intact(store)
+    summaries = [[line for line in out.splitlines() if line.startswith("wikitext-2")]
+                 for out in outputs]
+    assert summaries[0] == summaries[1] and summaries[0]
+
+
+def assert_store_intact(root: Path) -> None:
+    """Every artifact matches its digest; no temporary folder is left behind."""
+    store = Store(root)
+    for kind in [p for p in root.iterdir() if p.is_dir() and p.name != "prefect"]:
+        for folder in kind.iterdir():
+            assert not folder.name.startswith(".tmp-"), f"left behind: {folder}"
+            if folder.is_dir():
+                found = store.get(kind.name, folder.name)
+                assert found is not None and store.verify(found), folder
+
+
+# ---- corrupted artifacts, a full disk, no pickles: one tiny run shared by these tests -----
+
+def _run_in_process(model: Path, store: Path, data_dir: Path, capsys) -> tuple[int, str, dict]:
+    code = main(run_flags(model, store, data_dir, epochs=2))
+    out, err = capsys.readouterr()
+    reports = list((store / "reports").glob("*/report.json"))
+    report = json.loads(reports[0].read_text()) if reports else {}
+    return code, out + err, report
+
+
+@pytest.fixture(scope="module")
+def tiny_run(prefect_server, tmp_path_factory, data_dir) -> dict:
+    root = tmp_path_factory.mktemp("reliability")
+    model = build_tiny_model(root / "model")
+    code = main(run_flags(model, root / "store", data_dir, epochs=2))
+    assert code == 0
+    (report,) = [json.loads(p.read_text()) for p in (root / "store" / "reports").glob("*/*.json")]
+    return {"model": model, "store": root / "store", "report": report}
+
+
+def truncate_a_zarr_chunk(report: dict) -> str:
+    chunk = min(p for p in Path(report["activations"]["path"]).rglob("*")
+                if p.is_file() and "/c/" in p.as_posix())
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    return "dense-capture"
+
+
+def flip_bytes_in_the_masks(report: dict) -> str:
+    path = Path(report["masks"]["path"]) / "masks.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
+    path.write_bytes(bytes(data))
+    return "masks"
+
+
+def delete_the_calibration_digest(report: dict) -> str:
+    (Path(report["calibration"]["path"]) / "DIGEST").unlink()
+    return "calibration"
+
+
+@pytest.mark.parametrize("corrupt", [truncate_a_zarr_chunk, flip_bytes_in_the_masks,
+                                     delete_the_calibration_digest])
+def test_a_corrupted_artifact_is_detected_and_recomputed(tiny_run, data_dir, capsys, corrupt):
+    capsys.readouterr()
+    stage = corrupt(tiny_run["report"])
+    code, out, report = _run_in_process(tiny_run["model"], tiny_run["store"], data_dir, capsys)
+    assert code == 0, out[-2000:]
+    assert report["states"][stage] == "Completed", report["states"]
+    others = {k: v for k, v in report["states"].items() if k not in (stage, "ebft")}
+    assert set(others.values()) == {"Cached"}, report["states"]  # content keys are unchanged
+    assert report["perplexity"] == tiny_run["report"]["perplexity"]
+    assert_store_intact(tiny_run["store"])
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tiny_run, data_dir, tmp_path,
+                                                                capsys, monkeypatch):
+    import stages.pruning
+
+    def no_space(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stages.pruning, "save_masks", no_space)
+    store = tmp_path / "store"
+    code = main(run_flags(tiny_run["model"], store, data_dir, epochs=2))
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ebft:" in line]
+    assert code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith("ebft: error: no space left on the device of the store")
+    assert not (store / "masks").exists() or not any((store / "masks").iterdir())
+    assert_store_intact(store)  # what was finished before the disk filled is complete
+
+
+def test_nothing_in_the_store_is_a_pickle_and_a_rerun_never_unpickles(tiny_run, data_dir,
+                                                                        capsys, monkeypatch):
+    store = tiny_run["store"]
+    for path in (p for p in store.rglob("*") if p.is_file()):
+        head = path.read_bytes()[:4]
+        if "/c/" in path.as_posix():  # raw Zarr chunks: bytes read with numpy, any value
+            continue
+        assert not (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"), path
+        assert head[:2] != b"PK", f"{path}: a zip (torch.save) file"
+        if path.parent.name in ("results", "records"):  # Prefect's own files: JSON
+            json.loads(path.read_text())
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("something was unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    code, out, report = _run_in_process(tiny_run["model"], store, data_dir, capsys)
+    assert code == 0, out[-2000:]
+    assert set(report["states"].values()) <= {"Cached", "3 Cached"}
+
+
+def _no_decoder_model(tmp_path: Path, _data_dir: Path) -> list[str]:
+    folder = build_tiny_model(tmp_path / "no-layers")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 0}))
+    return ["--model", str(folder)]
+
+
+def _short_corpus(tmp_path: Path, data_dir: Path) -> list[str]:
+    import gzip
+    import shutil
+
+    short = tmp_path / "short-data"
+    shutil.copytree(data_dir, short)
+    with gzip.open(short / "c4" / "en" / "c4-sample.json.gz", "wt") as f:
+        f.write(json.dumps({"text": "too short to hold a window", "url": "u"}) + "\n")
+    return ["--data-dir", str(short)]
+
+
+@pytest.mark.parametrize("make_flags, message", [
+    (_no_decoder_model, "no list of 0 decoder blocks"),
+    (_short_corpus, "longer than --seqlen 64"),
+])
+def test_unusable_model_or_corpus_is_one_line_and_stores_no_artifact(
+        prefect_server, tiny_run, data_dir, tmp_path, capsys, make_flags, message):
+    store = tmp_path / "store"
+    flags = run_flags(tiny_run["model"], store, data_dir, epochs=2) + make_flags(tmp_path,
+                                                                                 data_dir)
+    code = main(flags)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ebft:" in line]
+    assert code == 2 and len(errors) == 1 and message in errors[0], errors
+    bookkeeping = {"prefect", "file-digests"}  # Prefect's records/locks, weight digests
+    assert not store.exists() or {p.name for p in store.iterdir()} <= bookkeeping

@@ -1,0 +1,98 @@
+"""`ebft run` end to end: first run, fully cached rerun, and a learning-rate change (issue 6).
+
+    python bench/end_to_end.py --store /tmp/e2e-store [--fresh] [-- extra ebft run flags]
+
+Runs three `ebft run` processes on one store: (1) the default job (on a new store with
+``--fresh``), (2) the same command again (every stage should be Cached), (3) the same with
+``--lr 1e-4`` (calibration, capture, masks and their perplexities Cached; only the EBFT
+blocks, assembly and the fine-tuned perplexity recompute). For each: wall time, peak RSS of
+that process, every stage's Prefect state and seconds, and the store size afterwards.
+Prints a Markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--fresh", action="store_true", help="delete the store first")
+    parser.add_argument("--out", default="bench/results/end_to_end.json")
+    parser.add_argument("extra", nargs="*", help="more `ebft run` flags (after --)")
+    return parser.parse_args(argv)
+
+
+def store_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def timed_run(flags: list[str]) -> dict:
+    """One `ebft run` process: its wall time, peak RSS, and the states in its summary."""
+    cmd = [sys.executable, "-m", "flows.cli", "run", *flags]
+    start = time.monotonic()
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    out = process.stdout.read()
+    _pid, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise SystemExit(f"ebft run failed ({process.returncode}):\n{out[-3000:]}")
+    stages = {}
+    for line in out.splitlines():
+        if line.startswith("stage "):
+            _, name, *state, seconds = line.split()
+            stages[name] = {"state": " ".join(state), "seconds": float(seconds.rstrip("s"))}
+    perplexity = [line for line in out.splitlines() if line.startswith("wikitext-2")]
+    return {"wall_s": round(time.monotonic() - start, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024), "stages": stages,
+            "perplexity": perplexity}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    store = Path(args.store).resolve()
+    if args.fresh and store.exists():
+        shutil.rmtree(store)
+    base = ["--store", str(store), *args.extra]
+    runs = {}
+    for name, flags in [("first", base), ("cached rerun", base),
+                        ("--lr 1e-4", [*base, "--lr", "1e-4"])]:
+        runs[name] = timed_run(flags)
+        runs[name]["store_gb"] = round(store_bytes(store) / 1e9, 3)
+        r = runs[name]
+        print(f"{name}: {r['wall_s']} s wall, peak RSS {r['peak_rss_mb']} MB, store "
+              f"{r['store_gb']} GB", flush=True)
+    names = list(runs)
+    stage_names = list(runs[names[0]]["stages"])
+    print()
+    print("| stage | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for stage in stage_names:
+        cells = [f"{runs[n]['stages'].get(stage, {}).get('state', '-')} "
+                 f"{runs[n]['stages'].get(stage, {}).get('seconds', 0):.1f}s" for n in names]
+        print(f"| {stage} | " + " | ".join(cells) + " |")
+    print("| wall time | " + " | ".join(f"{runs[n]['wall_s']} s" for n in names) + " |")
+    print("| peak RSS | " + " | ".join(f"{runs[n]['peak_rss_mb']} MB" for n in names) + " |")
+    print("| store size | " + " | ".join(f"{runs[n]['store_gb']} GB" for n in names) + " |")
+    for n in names:
+        print(f"{n}: " + "; ".join(runs[n]["perplexity"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"store": str(store), "runs": runs}, indent=2))
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
