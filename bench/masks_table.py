@@ -55,8 +55,9 @@ def row_config(args: argparse.Namespace, method: str, pattern: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH",
-                          str(Path(args.store).resolve() / "prefect" / "results"))
+    from flows.cli import prefect_env
+
+    prefect_env(args.store)  # results in the store; no telemetry on offline machines
     from flows.run import prepare, run_flow
 
     rows, dense = [], None

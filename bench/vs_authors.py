@@ -13,6 +13,7 @@ target = the dense block's outputs), with the same learning rate, betas and batc
   fp16 autocast is CUDA-only, so on CPU it trains in fp32, like ours.)
 - ours: ``stages.block_training.train_block``: activations streamed from Zarr in batches,
   only the linear weights trained, masked gradients, early stop on a held-out window.
+- ours+norms: the same with ``--train-norms`` (the norm scales train too, as in theirs).
 
 Each (variant, block) runs in its own process so its peak RSS is its own. Reported: seconds,
 epochs, peak RSS, the final MSE on the training windows and on the held-out window (a
@@ -166,7 +167,7 @@ def ours(block, keep, rows, kwargs_for, train_rows, holdout_rows, args) -> dict:
     from stages.block_training import TrainConfig, train_block
 
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
-                      autocast="auto")
+                      autocast="auto", train_norms=args.variant == "ours+norms")
 
     def batches(index: list[int]):
         return rows(args.block, index), rows(args.block + 1, index)
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for block in [int(b) for b in args.blocks.split(",")]:
-        for variant in ("authors", "ours"):
+        for variant in ("authors", "ours", "ours+norms"):
             cmd = [sys.executable, __file__, "--variant", variant, "--block", str(block),
                    "--store", args.store, "--model", args.model, "--epochs", str(args.epochs),
                    "--batch-size", str(args.batch_size), "--lr", str(args.lr)]
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(done.stderr[-2000:])
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"block {block} {variant:<7} {r['seconds']:>6.1f}s {r['epochs']} epochs "
+            print(f"block {block} {variant:<10} {r['seconds']:>6.1f}s {r['epochs']} epochs "
                   f"peak {r['peak_rss_mb']} MB train {r['train_loss']:.5g} "
                   f"held-out {r['holdout_loss']:.5g}", flush=True)
     print()

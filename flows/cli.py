@@ -80,6 +80,8 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
                       help="fraction of calibration samples held out to judge convergence")
     tune.add_argument("--autocast", default="auto", help="auto, bfloat16 or none")
     tune.add_argument("--train-seed", type=int, default=0, help="shuffling seed")
+    tune.add_argument("--train-norms", action="store_true",
+                      help="also train each block's norm scales (as the authors' code does)")
     evals = run.add_argument_group("zero-shot evaluation (lm-evaluation-harness)")
     evals.add_argument("--tasks", default="",
                        help="all, paper, or a comma list (piqa,arc_easy,arc_challenge,"
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-def _prefect_env(store: str) -> None:
+def prefect_env(store: str) -> None:
     """Cached task results live in the store, so a shared store shares its cache."""
     store_root = os.path.abspath(store)
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", os.path.join(store_root, "prefect",
@@ -188,7 +190,7 @@ def _finish(state) -> dict | None:
 
 
 def _dense(args: argparse.Namespace) -> int:
-    _prefect_env(args.store)
+    prefect_env(args.store)
     from flows.dense import dense_flow, prepare
 
     cfg = _dense_config(args)
@@ -231,7 +233,8 @@ def run_config(args: argparse.Namespace):
         tune=args.tune, target=args.target, lr=args.lr, mask_lr=args.mask_lr,
         beta1=args.betas[0], beta2=args.betas[1], weight_decay=args.weight_decay,
         batch_size=args.train_batch_size, max_epochs=args.epochs, tolerance=args.tolerance,
-        holdout=args.holdout, autocast=args.autocast, seed=args.train_seed)
+        holdout=args.holdout, autocast=args.autocast, seed=args.train_seed,
+        train_norms=args.train_norms)
     evals = ZeroShotConfig(parse_tasks(args.tasks) if args.tasks else (),
                            args.zeroshot_limit, args.zeroshot_batch_size)
     return RunConfig(_dense_config(args), prune, train, args.finetune, args.save_dtype,
@@ -239,7 +242,7 @@ def run_config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    _prefect_env(args.store)
+    prefect_env(args.store)
     from flows.run import prepare, run_flow
 
     cfg = run_config(args)
@@ -260,7 +263,7 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    _prefect_env(args.store)
+    prefect_env(args.store)
     from flows.sweep import SweepConfig, check, sweep_flow
 
     try:

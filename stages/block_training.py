@@ -45,6 +45,7 @@ class TrainConfig:
     holdout: float = 0.0625  # fraction of calibration samples held out to judge convergence
     autocast: str = "auto"  # "auto" (bf16 where it is faster than fp32), "bfloat16", "none"
     seed: int = 0
+    train_norms: bool = False  # also train the norm scales (and any biases), as the authors' code
 
     def validate(self, nsamples: int) -> None:
         checks = [
@@ -62,6 +63,8 @@ class TrainConfig:
              f"--autocast {self.autocast!r}: choose auto, bfloat16 or none"),
             (nsamples - self.holdout_count(nsamples) >= 1,
              f"--holdout {self.holdout} leaves no training samples out of {nsamples}"),
+            (not (self.train_norms and self.tune == "mask"),
+             "--train-norms trains parameters, --tune mask freezes them: use one of the two"),
         ]
         for ok, message in checks:
             if not ok:
@@ -109,7 +112,8 @@ def _hard_mask(scores: torch.Tensor, counts: torch.Tensor, m: int) -> torch.Tens
 
 
 class BlockTuner:
-    """The trainable view of a block: its linear weights, or scores over them."""
+    """The trainable view of a block: its linear weights (and, if asked, its other
+    parameters: norm scales, biases), or scores over the linear weights."""
 
     def __init__(self, block, keep: dict[str, torch.Tensor], cfg: TrainConfig, nm_m: int):
         self.block, self.cfg, self.m = block, cfg, nm_m
@@ -119,10 +123,13 @@ class BlockTuner:
         self.keep = {name: keep[name].to(w.device) for name, w in self.weights.items()}
         for p in block.parameters():
             p.requires_grad_(False)
+        linear_names = set(self.names.values())
+        self.others = {name: p for name, p in block.named_parameters()
+                       if name not in linear_names} if cfg.train_norms else {}
         if cfg.tune == "weights":
-            for w in self.weights.values():
+            for w in [*self.weights.values(), *self.others.values()]:
                 w.requires_grad_(True)
-            self.params = list(self.weights.values())
+            self.params = [*self.weights.values(), *self.others.values()]
             lr, decay = cfg.lr, cfg.weight_decay
         else:
             self.scores, self.counts = {}, {}
@@ -161,12 +168,16 @@ class BlockTuner:
                 for name, w in self.weights.items():
                     w.mul_(self.keep[name])
 
+    def trained(self) -> dict[str, torch.Tensor]:
+        """What the optimiser changes: linear weights (by module name) and other
+        parameters (by parameter name), or the mask scores."""
+        return {**self.weights, **self.others} if self.cfg.tune == "weights" else self.scores
+
     def state(self) -> dict[str, torch.Tensor]:
-        source = self.weights if self.cfg.tune == "weights" else self.scores
-        return {name: t.detach().clone() for name, t in source.items()}
+        return {name: t.detach().clone() for name, t in self.trained().items()}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        target = self.weights if self.cfg.tune == "weights" else self.scores
+        target = self.trained()
         with torch.no_grad():
             for name, t in state.items():
                 target[name].copy_(t)
@@ -180,6 +191,8 @@ class BlockTuner:
             for name, w in self.weights.items():
                 w.requires_grad_(False)
                 w.mul_(self.keep[name])
+        for p in self.others.values():
+            p.requires_grad_(False)
         return self.keep
 
 

@@ -116,10 +116,11 @@ class Context:
 
 
 def load_block_weights(block, artifact: Artifact) -> None:
+    """Every tensor the block artifact holds (linear weights; norms too with --train-norms)."""
     state = load_file(str(Path(artifact.path) / BLOCK_FILE))
     with torch.no_grad():
-        for name, linear in arch.linear_layers(block).items():
-            linear.weight.copy_(state[f"{name}.weight"])
+        for name, tensor in state.items():
+            block.get_parameter(name).copy_(tensor)
 
 
 def input_source(ctx: Context, specs: list[BlockSpec], index: int) -> tuple:
@@ -183,8 +184,11 @@ def build_block(ctx: Context, specs: list[BlockSpec], index: int,
         keep = record.pop("_keep")
         if cfg.target == "dense-block":
             shutil.rmtree(tmp / "target.zarr")
-        state = {f"{name}.weight": linear.weight.detach().to("cpu").contiguous()
-                 for name, linear in arch.linear_layers(block).items()}
+        trained = [f"{name}.weight" for name in arch.linear_layers(block)]
+        if cfg.train_norms:
+            trained = [name for name, _ in block.named_parameters()]
+        state = {name: block.get_parameter(name).detach().to("cpu").contiguous()
+                 for name in trained}
         save_file(state, str(tmp / BLOCK_FILE))
         record["sparsity"] = {name: round(1 - float(k.float().mean()), 6)
                               for name, k in keep.items()}

@@ -75,6 +75,27 @@ def test_assembled_folder_loads_with_stock_transformers_at_the_requested_sparsit
     assert len(report["blocks"]) == 3 and report["masks"]["digest"]
 
 
+def test_train_norms_changes_the_norms_in_the_saved_model_and_keeps_the_mask(
+        prefect_server, tmp_path, model, data_dir, uninterrupted):
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(tmp_path / "store", model, data_dir)
+    report = run_flow(replace(cfg, train=replace(cfg.train, train_norms=True)))
+    tuned = AutoModelForCausalLM.from_pretrained(report["model_folder"])
+    dense = AutoModelForCausalLM.from_pretrained(model)
+    plain = AutoModelForCausalLM.from_pretrained(uninterrupted["model_folder"])
+    for index, block in enumerate(arch.decoder_blocks(tuned)):
+        norm = block.input_layernorm.weight
+        assert not torch.equal(norm, arch.decoder_blocks(dense)[index].input_layernorm.weight)
+        assert torch.equal(arch.decoder_blocks(plain)[index].input_layernorm.weight,
+                           arch.decoder_blocks(dense)[index].input_layernorm.weight)
+        for name, linear in arch.linear_layers(block).items():
+            w = linear.weight
+            assert (w == 0).sum(dim=1).tolist() == [w.shape[1] // 2] * w.shape[0], name
+    for record in report["blocks"]:
+        assert record["end_loss"] < record["start_loss"]
+
+
 def test_masked_weights_are_zero_after_every_step(monkeypatch, tmp_path, model, data_dir,
                                                   prefect_server):
     checked = []
@@ -190,6 +211,7 @@ def test_sequential_and_dense_mask_inputs_differ_after_block_0(tmp_path, model, 
     (["--method", "bogus"], "magnitude"),
     (["--tune", "both"], "--tune"),
     (["--epochs", "0"], "--epochs"),
+    (["--tune", "mask", "--train-norms"], "--train-norms"),
 ])
 def test_bad_run_inputs_fail_in_one_line_and_leave_the_store_empty(
         tmp_path, model, data_dir, capsys, flags, message):
