@@ -77,12 +77,13 @@ def project(cfg: dict, gpu: dict, args: argparse.Namespace) -> dict:
     train = 6 * n_block * tokens + attention
     forward = 2 * n_block * tokens + attention / 3
     flops = layers * (args.epochs * train + forward) + 3 * layers * forward  # + capture, masks
-    seconds = flops / (args.efficiency * gpu["tflops"] * 1e12)
+    achieved = gpu.get("efficiency", args.efficiency) * gpu["tflops"] * 1e12
+    seconds = flops / achieved
     act_bytes = 34 * s * b * d * (1 if gpu["bf16"] else 2)
     device_gb = (16 * n_block + act_bytes + 2 * b * s * d * 4) / 1e9
     total_params = layers * n_block + 2 * cfg["vocab_size"] * d
     return {"block_linear_weights": n_block, "flops": flops, "hours": seconds / 3600,
-            "seconds_per_block_epoch": train / (args.efficiency * gpu["tflops"] * 1e12),
+            "seconds_per_block_epoch": train / achieved,
             "device_memory_gb": device_gb, "fits": device_gb < gpu["memory_gb"],
             "host_memory_gb": total_params * 2 / 1e9 + 2 * b * s * d * 4 / 1e9,
             "store_gb": (layers + 1) * tokens * d * 2 / 1e9}
@@ -98,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         best = max(r["fraction_of_peak"] for r in found["rows"] if r["precision"] == "fp32")
         print(f"this machine (bench/throughput.py): fp32 peak {found['peaks_gflops']['fp32']:.0f}"
               f" GFLOP/s, {best:.0%} of it in the EBFT step (its row uses both)")
-        gpus["this machine (measured)"] = {"tflops": found["peaks_gflops"]["fp32"] / 1e3 * best
-                                           / args.efficiency, "memory_gb": 24, "bf16": False}
+        gpus["this machine (measured peak and efficiency)"] = {
+            "tflops": found["peaks_gflops"]["fp32"] / 1e3, "efficiency": best,
+            "memory_gb": 24, "bf16": False}
     print(f"{args.config}: {args.nsamples} x {args.seqlen} calibration, batch {args.batch}, "
           f"{args.epochs} epochs (no early stop), efficiency {args.efficiency:.0%} of peak")
     print("| GPU | peak TFLOP/s | s per block-epoch | total hours | device GB | fits | "
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, gpu in gpus.items():
         r = project(cfg, gpu, args)
         results[name] = r
-        print(f"| {name} | {gpu['tflops']:.1f} | {r['seconds_per_block_epoch']:.1f} | "
+        print(f"| {name} | {gpu['tflops']:.3g} | {r['seconds_per_block_epoch']:.1f} | "
               f"{r['hours']:.2f} | {r['device_memory_gb']:.1f} | {r['fits']} | "
               f"{r['host_memory_gb']:.1f} | {r['store_gb']:.0f} |")
     out = Path(args.out)
