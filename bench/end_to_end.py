@@ -13,13 +13,14 @@ Prints a Markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from results_file import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| store size | " + " | ".join(f"{runs[n]['store_gb']} GB" for n in names) + " |")
     for n in names:
         print(f"{n}: " + "; ".join(runs[n]["perplexity"]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"store": str(store), "runs": runs}, indent=2))
-    print(f"written {out}")
+    write_results(args.out, {"store": str(store), "runs": runs})
     return 0
 
 

@@ -31,6 +31,8 @@ import json
 import math
 from pathlib import Path
 
+from results_file import write_results
+
 # Published configurations (config.json of the Hugging Face releases).
 CONFIGS = {
     "llama-2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -114,11 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {gpu['tflops']:.3g} | {r['seconds_per_block_epoch']:.1f} | "
               f"{r['hours']:.2f} | {r['device_memory_gb']:.1f} | {r['fits']} | "
               f"{r['host_memory_gb']:.1f} | {r['store_gb']:.0f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "config": cfg, "gpus": gpus,
-                               "projection": results}, indent=2))
-    print(f"written {out}")
+    write_results(args.out, {"args": vars(args), "config": cfg, "gpus": gpus,
+                               "projection": results})
     return 0 if math.isfinite(sum(r["hours"] for r in results.values())) else 1
 
 

@@ -18,7 +18,6 @@ Prints a Markdown table and writes JSON (``--out``); ``--profile`` also prints t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -175,13 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['block']} | {r['precision']} | {r['seconds_per_step']:.3f} | "
               f"{r['tokens_per_s']:.0f} | {r['achieved_gflops']:.1f} | {r['peak_gflops']:.1f} | "
               f"{r['fraction_of_peak']:.0%} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(),
+    write_results(args.out, {"device": str(device), "threads": torch.get_num_threads(),
                                "peaks_gflops": {p: v / 1e9 for p, v in peaks.items()},
                                "peak_sizes": peak_sizes,
-                               "args": vars(args), "rows": rows}, indent=2))
-    print(f"written {out}")
+                               "args": vars(args), "rows": rows})
     return 0
 
 

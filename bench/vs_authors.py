@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -236,10 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['block']} | {r['variant']} | {r['seconds']:.1f} | {r['epochs']} | "
               f"{r['peak_rss_mb']} | {r['train_loss']:.5g} | {r['holdout_loss']:.5g} "
               f"({r['holdout_loss_before']:.5g}) | {r['mask_exact']} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    print(f"written {out}")
+    write_results(args.out, {"args": vars(args), "rows": rows})
     return 0
 
 
