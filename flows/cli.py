@@ -47,9 +47,11 @@ def add_dense_flags(dense: argparse.ArgumentParser) -> None:
 def add_run_flags(run: argparse.ArgumentParser) -> None:
     prune = run.add_argument_group("pruning (the mask stage)")
     prune.add_argument("--method", default="wanda",
-                       help="magnitude, wanda, sparsegpt, each optionally +dsnot (e.g. wanda+dsnot)")
+                       help="magnitude, wanda, sparsegpt, each optionally +dsnot (e.g. "
+                            "wanda+dsnot); flap (structured: whole heads and MLP channels)")
     prune.add_argument("--sparsity", type=float, default=0.5,
-                       help="fraction of weights pruned in every linear layer of every block")
+                       help="fraction of weights pruned in every linear layer of every block "
+                            "(flap: of all block weights together)")
     prune.add_argument("--pattern", default=None, help="N:M semi-structured, e.g. 2:4 or 4:8")
     prune.add_argument("--mask-inputs", default="sequential", choices=None,
                        help="sequential (pruned path, default) or dense (shared dense capture)")
@@ -61,8 +63,15 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
                        help="DSnoT update threshold")
     prune.add_argument("--dsnot-var-power", type=float, default=1.0,
                        help="DSnoT power of the input variance in the regrowing score")
+    prune.add_argument("--flap-structure", default="AL-AM",
+                       help="FLAP: AL-AM (global ranking, per-layer widths) or UL-UM (the same "
+                            "share in every layer)")
+    prune.add_argument("--flap-bias", default="on", choices=("on", "off"),
+                       help="FLAP bias compensation for the removed channels")
     tune = run.add_argument_group("fine-tuning (EBFT, one cached task per block)")
-    tune.add_argument("--finetune", default="ebft", help="ebft, or none (pruned model only)")
+    tune.add_argument("--finetune", default="ebft",
+                      help="ebft, lora (LoRA on the whole pruned model, the paper's baseline), "
+                           "or none (pruned model only)")
     tune.add_argument("--tune", default="weights", help="weights (EBFT) or mask (Section 4.5)")
     tune.add_argument("--target", default="dense-output",
                       help="dense-output (Eq. 4, from the dense capture) or dense-block "
@@ -82,6 +91,14 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
     tune.add_argument("--train-seed", type=int, default=0, help="shuffling seed")
     tune.add_argument("--train-norms", action="store_true",
                       help="also train each block's norm scales (as the authors' code does)")
+    adapters = run.add_argument_group("LoRA baseline (--finetune lora, peft)")
+    adapters.add_argument("--lora-rank", type=int, default=8, help="adapter rank")
+    adapters.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale alpha")
+    adapters.add_argument("--lora-dropout", type=float, default=0.05, help="adapter dropout")
+    adapters.add_argument("--lora-lr", type=float, default=1e-4,
+                          help="AdamW learning rate (the paper's: 1e-4)")
+    adapters.add_argument("--lora-epochs", type=int, default=2, help="epochs over the data")
+    adapters.add_argument("--lora-batch-size", type=int, default=2, help="sequences per step")
     evals = run.add_argument_group("zero-shot evaluation (lm-evaluation-harness)")
     evals.add_argument("--tasks", default="",
                        help="all, paper, or a comma list (piqa,arc_easy,arc_challenge,"
@@ -90,6 +107,9 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
     evals.add_argument("--zeroshot-limit", type=int, default=None,
                        help="evaluate only the first N documents of each task (quick runs)")
     evals.add_argument("--zeroshot-batch-size", type=int, default=16, help="harness batch size")
+    run.add_argument("--form", default="masked",
+                     help="saved model: masked (original shapes, zeros) or compact (flap only: "
+                          "heads and channels physically removed)")
     run.add_argument("--save-dtype", default="auto",
                      help="dtype of the saved model: auto (compute dtype), float32, bfloat16")
     run.add_argument("--keep-boundaries", action="store_true",
@@ -216,6 +236,7 @@ def run_config(args: argparse.Namespace):
     """Turn parsed flags into a RunConfig: explicit flags win over the preset's values."""
     from flows.run import PruneConfig, RunConfig, ZeroShotConfig
     from stages.block_training import TrainConfig
+    from stages.lora import LoraSettings
     from stages.zeroshot import parse_tasks
 
     preset = PRESETS[args.preset]
@@ -228,7 +249,8 @@ def run_config(args: argparse.Namespace):
         method=args.method, sparsity=args.sparsity, pattern=args.pattern,
         mask_inputs=args.mask_inputs, blocksize=args.blocksize, percdamp=args.percdamp,
         dsnot_cycles=args.dsnot_cycles, dsnot_threshold=args.dsnot_threshold,
-        dsnot_var_power=args.dsnot_var_power)
+        dsnot_var_power=args.dsnot_var_power, flap_structure=args.flap_structure,
+        flap_bias=args.flap_bias == "on")
     train = TrainConfig(
         tune=args.tune, target=args.target, lr=args.lr, mask_lr=args.mask_lr,
         beta1=args.betas[0], beta2=args.betas[1], weight_decay=args.weight_decay,
@@ -237,8 +259,11 @@ def run_config(args: argparse.Namespace):
         train_norms=args.train_norms)
     evals = ZeroShotConfig(parse_tasks(args.tasks) if args.tasks else (),
                            args.zeroshot_limit, args.zeroshot_batch_size)
-    return RunConfig(_dense_config(args), prune, train, args.finetune, args.save_dtype,
-                     args.keep_boundaries, evals)
+    adapters = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha,
+                            dropout=args.lora_dropout, lr=args.lora_lr, epochs=args.lora_epochs,
+                            batch_size=args.lora_batch_size)
+    return RunConfig(_dense_config(args), prune, train, args.finetune, adapters, args.form,
+                     args.save_dtype, args.keep_boundaries, evals)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""The main job: calibration → dense capture → masks → EBFT per block → assembly → perplexity.
+"""The main job: calibration → dense capture → masks → EBFT per block (or LoRA) → assembly →
+perplexity.
 
 Thin on purpose: every step is a stage function from ``stages/`` wrapped in a cached task
 (``flows.caching.run_stage``); this file only wires them in the order of the pipeline and
@@ -22,14 +23,15 @@ from flows.dense import (
     prepare_dense,
     zeroshot_task,
 )
-from stages import assembly, data, ebft, pruning, zeroshot
+from stages import assembly, data, ebft, lora, pruning, zeroshot
 from stages.block_training import TrainConfig
 from stages.devices import DTYPES, resolve_device
 from stages.errors import UserError
 from stages.model_source import ModelSource, load_model
 from store import Artifact, Store, digest_json
 
-FINETUNES = ("none", "ebft")
+FINETUNES = ("none", "ebft", "lora")
+FORMS = ("masked", "compact")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class PruneConfig:
     dsnot_cycles: int = 50
     dsnot_threshold: float = 0.1
     dsnot_var_power: float = 1.0
+    flap_structure: str = "AL-AM"
+    flap_bias: bool = True
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,9 @@ class RunConfig:
     dense: DenseConfig = field(default_factory=DenseConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: str = "ebft"  # or "none": the pruned model as the mask stage left it
+    finetune: str = "ebft"  # "none": the pruned model as the mask stage left it; or "lora"
+    lora: lora.LoraSettings = field(default_factory=lora.LoraSettings)
+    form: str = "masked"  # the saved model: masked, or compact (structured masks: narrower)
     save_dtype: str = "auto"  # dtype of the saved model; auto: the compute dtype
     keep_boundaries: bool = False  # keep every block's outputs (debugging; costs disk)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
@@ -84,11 +90,20 @@ def block_task(spec: ebft.BlockSpec, store_root: str, model: ModelSource, activa
     return ebft.build_block(ctx, chain, spec.index, keep_boundaries).to_dict()
 
 
+@task(name="lora")
+def lora_task(spec: lora.LoraSpec, store_root: str, model: ModelSource, masks: dict,
+              calib: dict, device: str) -> dict:
+    return lora.build(Store(store_root), spec, partial(load_model, model), Artifact(**masks),
+                      Artifact(**calib), resolve_device(device)).to_dict()
+
+
 @task(name="assembly")
 def assembly_task(spec: assembly.AssemblySpec, store_root: str, model: ModelSource,
-                  masks: dict, blocks: list[dict], pattern_spec: pruning.MaskSpec) -> dict:
+                  masks: dict, blocks: list[dict], pattern_spec: pruning.MaskSpec,
+                  lora_artifact: dict | None = None) -> dict:
     return assembly.build(Store(store_root), spec, model, Artifact(**masks),
-                          [Artifact(**b) for b in blocks], pattern_spec.parsed_pattern()).to_dict()
+                          [Artifact(**b) for b in blocks], pattern_spec.parsed_pattern(),
+                          Artifact(**lora_artifact) if lora_artifact else None).to_dict()
 
 
 # ---- checking the configuration before anything runs --------------------------------------
@@ -99,9 +114,18 @@ def prepare(cfg: RunConfig) -> Inputs:
         raise UserError(f"--finetune {cfg.finetune!r}: choose one of {', '.join(FINETUNES)}")
     if cfg.save_dtype not in ("auto", *DTYPES):
         raise UserError(f"--save-dtype {cfg.save_dtype!r}: choose auto, {', '.join(DTYPES)}")
+    if cfg.form not in FORMS:
+        raise UserError(f"--form {cfg.form!r}: choose {' or '.join(FORMS)}")
     mask_spec = mask_spec_for(cfg, "model", "activations", "float32")
     pruning.validate(mask_spec)
     cfg.train.validate(cfg.dense.nsamples)
+    cfg.lora.validate()
+    if cfg.form == "compact" and not mask_spec.structured:
+        raise UserError(f"--form compact needs whole heads and channels removed (--method "
+                        f"flap); {cfg.prune.method} zeros single weights, so use --form masked")
+    if mask_spec.structured and cfg.finetune == "ebft" and cfg.train.tune == "mask":
+        raise UserError("--tune mask reselects single weights and would break whole-head "
+                        "structure; use --tune weights with --method flap")
     if cfg.zeroshot.limit is not None and cfg.zeroshot.limit <= 0:
         raise UserError(f"--zeroshot-limit {cfg.zeroshot.limit}: must be positive")
     if cfg.zeroshot.batch_size <= 0:
@@ -111,7 +135,17 @@ def prepare(cfg: RunConfig) -> Inputs:
     pattern = mask_spec.parsed_pattern()
     if pattern.is_nm:
         check_layers_fit(inputs.model, pattern)
+    if mask_spec.structured:
+        check_structured(inputs.model, cfg.prune.flap_bias)
     return inputs
+
+
+def check_structured(model: ModelSource, with_bias: bool) -> None:
+    """FLAP's layout needs, checked on a meta model before anything runs."""
+    from flows.dense import meta_model
+    from stages.structured import check_model
+
+    check_model(meta_model(model), with_bias)
 
 
 def check_layers_fit(model: ModelSource, pattern) -> None:
@@ -199,11 +233,22 @@ def run_flow(cfg: RunConfig) -> dict:
         if not cfg.keep_boundaries:
             store.delete("ebft-boundary", last_key)
 
+    lora_artifact, lora_record = None, None
+    if cfg.finetune == "lora":
+        lora_spec = lora.LoraSpec(model.digest, masks["key"], dense["calibration"]["key"],
+                                  cfg.lora, dtype)
+        lora_artifact = timed("lora", lambda: run_stage(
+            lora_task, "lora", store, lora_spec, model=model, masks=masks,
+            calib=dense["calibration"], device=str(inputs.device)))
+        lora_record = lora.read_record(Artifact(**lora_artifact))
+
     save_dtype = dtype if cfg.save_dtype == "auto" else cfg.save_dtype
-    assembly_spec = assembly.AssemblySpec(model.digest, masks["key"], last_key, save_dtype)
+    assembly_spec = assembly.AssemblySpec(model.digest, masks["key"], last_key, save_dtype,
+                                          lora_artifact["key"] if lora_artifact else None,
+                                          cfg.form)
     final = timed("assembly", lambda: run_stage(
         assembly_task, "models-sparse", store, assembly_spec, model=model, masks=masks,
-        blocks=blocks, pattern_spec=mask_spec))
+        blocks=blocks, pattern_spec=mask_spec, lora_artifact=lora_artifact))
     tuned_ppl = None
     if cfg.finetune != "none":
         final_source = assembly.as_model_source(Artifact(**final), f"{model.name} {cfg.finetune}")
@@ -217,7 +262,7 @@ def run_flow(cfg: RunConfig) -> dict:
         "config": asdict(cfg), "model": asdict(model), "device": str(inputs.device),
         "dtype": dtype, "calibration": dense["calibration"], "activations": activations,
         "masks": masks, "mask_report": mask_summary(Artifact(**masks)),
-        "model_folder": final["path"], "blocks": records,
+        "model_folder": final["path"], "blocks": records, "lora": lora_record,
         "perplexity": {"dense": dense["perplexity"], "pruned": pruned_ppl,
                        "finetuned": tuned_ppl},
         "zeroshot": zs if cfg.zeroshot.tasks else None,

@@ -25,7 +25,7 @@ from stages import reports
 from stages.errors import UserError
 from store import Store, digest_json
 
-RECOVERIES = ("none", "ebft", "dsnot", "mask")
+RECOVERIES = ("none", "ebft", "dsnot", "mask", "lora")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ def expand(sweep: SweepConfig) -> list[RunConfig]:
             train = replace(train, tune="mask")
         if recovery == "ebft":
             train = replace(train, tune="weights")
+        if recovery == "lora":
+            finetune = "lora"
         dense = replace(sweep.base.dense, model=model, nsamples=n)
         configs.append(replace(sweep.base, dense=dense, prune=prune, train=train,
                                finetune=finetune))
@@ -123,7 +125,7 @@ def configuration_task(cfg: RunConfig, label: str) -> str:
 
 
 def label_of(cfg: RunConfig) -> str:
-    tune = {"none": "", "ebft": f"+ebft-{cfg.train.tune}"}[cfg.finetune]
+    tune = {"none": "", "ebft": f"+ebft-{cfg.train.tune}", "lora": "+lora"}[cfg.finetune]
     sparsity = cfg.prune.pattern or f"{cfg.prune.sparsity:g}"
     return f"{Path(cfg.dense.model).name}/{cfg.prune.method}/{sparsity}{tune}/n{cfg.dense.nsamples}"
 

@@ -1,9 +1,12 @@
 """Assembly: the pruned (and fine-tuned) model as a standard Hugging Face folder.
 
 The dense model is loaded, each block's linear weights are replaced by the fine-tuned ones
-(or the mask stage's, with the zeros applied), and the result is saved with
-``save_pretrained``: safetensors, config and tokenizer, no mask tensors, no custom code, so
-``AutoModelForCausalLM.from_pretrained(folder)`` loads it anywhere.
+(EBFT's blocks or LoRA's merged projections; else the mask stage's, with the zeros applied),
+and the result is saved with ``save_pretrained``: safetensors, config and tokenizer, no mask
+tensors, no custom code, so ``AutoModelForCausalLM.from_pretrained(folder)`` loads it
+anywhere. FLAP's compensation biases are saved as the projections' biases (zeros on the
+others), and ``form="compact"`` saves structured masks as a physically narrower model
+(``stages.structured.shrink``).
 """
 
 from __future__ import annotations
@@ -14,9 +17,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 import stages.architecture as arch
+from stages import lora, structured
 from stages.ebft import load_block_weights
 from stages.model_source import ModelSource, load_model, load_tokenizer
-from stages.pruning import apply_masks, model_keep_masks, sparsity_report
+from stages.pruning import (
+    apply_masks,
+    load_biases,
+    load_masks,
+    model_keep_masks,
+    sparsity_report,
+)
 from store import Artifact, Store, code_version, digest_json
 
 
@@ -26,13 +36,16 @@ class AssemblySpec:
     masks_key: str
     last_block_key: str | None  # the final EBFT block's key; None: the pruned model as is
     dtype: str = "float32"  # the dtype the weights are saved in
+    lora_key: str | None = None  # LoRA's merged projections, instead of EBFT's blocks
+    form: str = "masked"  # or "compact": structured masks as a narrower model
 
     def key(self) -> str:
-        return digest_json({**asdict(self), "code": code_version(sys.modules[__name__])})[:32]
+        modules = [sys.modules[__name__], structured]
+        return digest_json({**asdict(self), "code": code_version(*modules)})[:32]
 
 
 def build(store: Store, spec: AssemblySpec, model: ModelSource, masks: Artifact,
-          blocks: list[Artifact], pattern) -> Artifact:
+          blocks: list[Artifact], pattern, lora_artifact: Artifact | None = None) -> Artifact:
     """Write the final model folder (plus ``sparsity.json``), unless already stored."""
     from stages.devices import DTYPES
 
@@ -43,12 +56,20 @@ def build(store: Store, spec: AssemblySpec, model: ModelSource, masks: Artifact,
     apply_masks(dense, masks)
     for block, artifact in zip(arch.decoder_blocks(dense), blocks, strict=False):
         load_block_weights(block, artifact)
-    dense.to(DTYPES[spec.dtype])
+    if lora_artifact is not None:
+        lora.load_into(dense, lora_artifact)
     report = sparsity_report(model_keep_masks(dense), pattern)
+    if load_biases(masks):  # FLAP's compensation: every projection gets a bias
+        structured.make_biases_loadable(dense)
+    if spec.form == "compact":
+        dense = structured.shrink(dense, load_masks(masks))
+    dense.to(DTYPES[spec.dtype])
+    summary = {k: v for k, v in report.items() if k != "layers"}
+    summary.update(form=spec.form, parameters=sum(p.numel() for p in dense.parameters()))
     with store.writing("models-sparse", key) as tmp:
         dense.save_pretrained(tmp)
         load_tokenizer(model).save_pretrained(tmp)
-        store.write_json(tmp, "sparsity.json", {k: v for k, v in report.items() if k != "layers"})
+        store.write_json(tmp, "sparsity.json", summary)
     return store.get("models-sparse", key)
 
 

@@ -33,7 +33,7 @@ from stages.block_training import TrainConfig
 from stages.capture import ZARR_NAME
 from stages.errors import UserError
 from stages.progress import logger
-from stages.pruning import load_masks, load_weights
+from stages.pruning import apply_block, load_biases, load_masks, load_weights
 from store import Artifact, Store, code_version, digest_json
 
 BLOCK_FILE, RECORD_FILE = "block.safetensors", "record.json"
@@ -75,6 +75,7 @@ class Context:
         self.dense = acts.open_group(Path(activations.path) / ZARR_NAME)
         self.n, self.seqlen, self.hidden = self.dense.attrs["shape"]
         self.masks, self.new_weights = load_masks(masks), load_weights(masks)
+        self.biases = load_biases(masks)
         self._kwargs: dict[int, dict] = {}
 
     def kwargs_for(self, batch: int) -> dict:
@@ -88,14 +89,9 @@ class Context:
         return {name: self.masks[f"{index}.{name}"] for name in names}
 
     def sparse_block(self, index: int):
-        """Block ``index`` as the mask stage left it: new weights if any, zeros applied."""
+        """Block ``index`` as the mask stage left it: new weights and biases, zeros applied."""
         block = self.blocks[index]
-        with torch.no_grad():
-            for name, linear in arch.linear_layers(block).items():
-                key = f"{index}.{name}"
-                if key in self.new_weights:
-                    linear.weight.copy_(self.new_weights[key])
-                linear.weight.mul_(self.masks[key])
+        apply_block(block, index, self.masks, self.new_weights, self.biases)
         return block.to(self.device)
 
     def ranges(self, batch: int) -> list[tuple[int, int]]:
@@ -138,7 +134,7 @@ def input_source(ctx: Context, specs: list[BlockSpec], index: int) -> tuple:
         block_artifact = ctx.store.get("ebft-block", specs[j].key())
         if block_artifact is None:
             raise UserError(f"block {j} has no stored result; rerun the flow from block {j}")
-        block = ctx.blocks[j].to(ctx.device)
+        block = ctx.sparse_block(j)  # its biases (FLAP) are not in the block artifact
         load_block_weights(block, block_artifact)
         with ctx.store.writing("ebft-boundary", specs[j].key()) as tmp:
             ctx.forward_into(block, source, ctx.new_boundary(tmp / ZARR_NAME),

@@ -6,9 +6,13 @@ errors of the pruning before it. ``mask_inputs="dense"`` reads block l's inputs 
 shared dense capture instead: blocks become independent (and could run in parallel), but
 no block sees the upstream pruning error.
 
+Structured methods (FLAP) choose whole heads and channels for the whole model at once and
+live in ``stages.structured``; they store the same artifact.
+
 Stored per artifact: ``masks.safetensors`` (bit-packed keep-masks), ``weights.safetensors``
-(SparseGPT's updated weights, only when a method changes weights), ``report.json`` (per-layer
-and overall sparsity, pattern check, timings).
+(SparseGPT's updated weights, only when a method changes weights), ``biases.safetensors``
+(FLAP's bias compensation, only when a method adds biases), ``report.json`` (per-layer and
+overall sparsity, pattern check, timings).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from safetensors.torch import load_file, save_file
 import stages.architecture as arch
 import stages.masks.core
 import stages.masks.dsnot
+import stages.masks.flap
 import stages.masks.magnitude
 import stages.masks.sparsegpt
 import stages.masks.stats
@@ -36,10 +41,13 @@ import stages.masks.wanda
 import store.activations as acts
 from stages.capture import ZARR_NAME
 from stages.masks import METHODS, LayerStats, Pattern, parse_pattern, sparsify, split_method
+from stages.masks.core import STRUCTURED
+from stages.masks.flap import STRUCTURES
 from stages.progress import Progress
 from store import Artifact, Store, code_version, digest_json
 
 MASKS_FILE, WEIGHTS_FILE, REPORT_FILE = "masks.safetensors", "weights.safetensors", "report.json"
+BIASES_FILE = "biases.safetensors"
 
 
 @dataclass(frozen=True)
@@ -55,18 +63,26 @@ class MaskSpec:
     dsnot_cycles: int = 50
     dsnot_threshold: float = 0.1
     dsnot_var_power: float = 1.0
+    flap_structure: str = "AL-AM"  # FLAP: global ranking (AL-AM) or the same share per layer
+    flap_bias: bool = True  # FLAP: bias compensation for the removed channels
     dtype: str = "float32"
     batch_size: int = 8
 
     def key(self) -> str:
+        from stages import structured
+
         modules = [sys.modules[__name__], arch, acts, stages.masks.core, stages.masks.dsnot,
                    stages.masks.magnitude, stages.masks.sparsegpt, stages.masks.stats,
-                   stages.masks.wanda]
+                   stages.masks.wanda, stages.masks.flap, structured]
         params = {k: v for k, v in asdict(self).items() if k != "batch_size"}
         return digest_json({**params, "code": code_version(*modules)})[:32]
 
+    @property
+    def structured(self) -> bool:
+        return self.method in STRUCTURED
+
     def parsed_pattern(self) -> Pattern:
-        return parse_pattern(self.sparsity, self.pattern)
+        return parse_pattern(self.sparsity, self.pattern, self.structured)
 
     def method_params(self) -> dict:
         return {"blocksize": self.blocksize, "percdamp": self.percdamp,
@@ -82,6 +98,12 @@ def validate(spec: MaskSpec) -> None:
     spec.parsed_pattern()
     if spec.mask_inputs not in ("sequential", "dense"):
         raise UserError(f"--mask-inputs {spec.mask_inputs!r}: choose sequential or dense")
+    if spec.structured and spec.pattern:
+        raise UserError(f"--method {spec.method} removes whole heads and channels: give "
+                        f"--sparsity (the fraction of block weights), not --pattern")
+    if spec.flap_structure not in STRUCTURES:
+        raise UserError(f"--flap-structure {spec.flap_structure!r}: choose "
+                        f"{' or '.join(STRUCTURES)}")
 
 
 # ---- statistics -------------------------------------------------------------------------
@@ -157,6 +179,10 @@ def build(store: Store, spec: MaskSpec, model_loader, activations: Artifact,
     key = spec.key()
     if found := store.get("masks", key):
         return found
+    if spec.structured:
+        from stages import structured
+
+        return structured.build(store, spec, model_loader, activations, device)
     started = time.monotonic()
     dtype = DTYPES[spec.dtype]
     model = model_loader(dtype)
@@ -242,20 +268,38 @@ def load_weights(artifact: Artifact) -> dict[str, torch.Tensor]:
     return load_file(str(path)) if path.exists() else {}
 
 
+def load_biases(artifact: Artifact) -> dict[str, torch.Tensor]:
+    path = Path(artifact.path) / BIASES_FILE
+    return load_file(str(path)) if path.exists() else {}
+
+
 def apply_masks(model, artifact: Artifact) -> None:
     """Put a mask artifact into a dense model in memory: new weights if any, then the zeros."""
-    masks, weights = load_masks(artifact), load_weights(artifact)
+    masks, weights, biases = load_masks(artifact), load_weights(artifact), load_biases(artifact)
     for index, block in enumerate(arch.decoder_blocks(model)):
-        for name, linear in arch.linear_layers(block).items():
-            key = f"{index}.{name}"
-            with torch.no_grad():
-                if key in weights:
-                    linear.weight.copy_(weights[key])
-                linear.weight.mul_(masks[key].to(linear.weight.device))
+        apply_block(block, index, masks, weights, biases)
+
+
+@torch.no_grad()
+def apply_block(block, index: int, masks: dict, weights: dict, biases: dict) -> None:
+    """One block as the mask stage left it: new weights and biases if any, zeros applied."""
+    for name, linear in arch.linear_layers(block).items():
+        key = f"{index}.{name}"
+        if key in weights:
+            linear.weight.copy_(weights[key])
+        linear.weight.mul_(masks[key].to(linear.weight.device))
+        if key in biases:
+            bias = biases[key].to(linear.weight.device, linear.weight.dtype)
+            if linear.bias is None:
+                linear.bias = torch.nn.Parameter(bias, requires_grad=False)
+            else:
+                linear.bias.copy_(bias)
 
 
 def pattern_holds(keep: torch.Tensor, pattern: Pattern) -> bool:
     rows, cols = keep.shape
+    if pattern.structured:  # kept weights form a rectangle: whole rows and columns removed
+        return bool(torch.equal(keep, torch.outer(keep.any(1), keep.any(0))))
     if pattern.is_nm:
         if cols % pattern.m:
             return False

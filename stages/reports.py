@@ -4,7 +4,9 @@ Every run of ``ebft run`` writes ``reports/<config key>/report.json``; this modu
 list of those into one row per configuration and pivots the rows into the paper's tables:
 Table 1/2 (perplexity per method and sparsity or N:M pattern, before and after
 fine-tuning), Table 3 (zero-shot accuracy), Table 6 (weights vs. mask tuning) and Figure 2
-(perplexity vs. number of calibration samples). Nothing here recomputes anything.
+(perplexity vs. number of calibration samples), and for structured pruning Tables 4/5
+(parameters left, fine-tuning time, perplexity, zero-shot mean for none / LoRA / EBFT).
+Nothing here recomputes anything.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-FINETUNE_LABELS = {"none": "", "dsnot": "w. DSnoT", "ebft": "w. EBFT", "mask": "w. EBFT (mask)"}
+FINETUNE_LABELS = {"none": "", "dsnot": "w. DSnoT", "ebft": "w. EBFT", "mask": "w. EBFT (mask)",
+                   "lora": "w. LoRA"}
+STRUCTURED_METHODS = ("flap",)
 FINETUNE_ORDER = list(FINETUNE_LABELS)
 
 
@@ -25,22 +29,28 @@ def flatten(report: dict) -> dict:
     base, _, refine = cfg["prune"]["method"].partition("+")
     if refine:
         finetune = "dsnot"
-    elif cfg["finetune"] == "none":
-        finetune = "none"
+    elif cfg["finetune"] in ("none", "lora"):
+        finetune = cfg["finetune"]
     else:
         finetune = "mask" if cfg["train"]["tune"] == "mask" else "ebft"
     ppl = report["perplexity"]
     final = ppl["finetuned"] or ppl["pruned"]
     seconds = report["seconds"]
+    params = report["mask_report"].get("parameters") or {}
+    lora = report.get("lora")
     row = {
         "model": report["model"]["name"], "method": base, "finetune": finetune,
         "sparsity": cfg["prune"]["pattern"] or f"{cfg['prune']['sparsity']:.0%}",
+        "structured": base in STRUCTURED_METHODS,
+        "parameters": params.get("remaining"), "parameters_total": params.get("total"),
         "ratio": report["mask_report"]["overall_sparsity"],
         "nsamples": cfg["dense"]["nsamples"], "dense_ppl": ppl["dense"]["perplexity"],
         "pruned_ppl": ppl["pruned"]["perplexity"], "ppl": final["perplexity"],
         "eval_windows": f"{ppl['dense']['windows']}/{ppl['dense']['windows_total']}",
         # the cost of recovering: EBFT's blocks, or the mask stage itself for DSnoT
-        "finetune_seconds": seconds.get("ebft", seconds.get("masks", 0.0) if refine else 0.0),
+        "finetune_seconds": seconds.get("ebft", seconds.get("lora", seconds.get("masks", 0.0)
+                                                                if refine else 0.0)),
+        "finetune_data": lora["data"] if lora else "",
         "wall_seconds": report["wall_seconds"], "report": report.get("report_path", ""),
     }
     zeroshot = report.get("zeroshot") or {}
@@ -83,7 +93,7 @@ def _row_label(method: str, finetune: str) -> str:
 
 def perplexity_table(rows: pd.DataFrame, structured: bool) -> pd.DataFrame:
     """Table 1 (unstructured ratios) or Table 2 (N:M): method × recovery, one column each."""
-    mask = rows["sparsity"].str.contains(":") == structured
+    mask = (rows["sparsity"].str.contains(":") == structured) & ~rows["structured"]
     part = rows[mask & (rows["nsamples"] == rows["nsamples"].max())]
     if part.empty:
         return pd.DataFrame()
@@ -123,6 +133,27 @@ def tuning_table(rows: pd.DataFrame) -> pd.DataFrame:
     return out[[c for c in ("pruned", "weights tuning", "mask tuning") if c in out.columns]]
 
 
+def structured_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Tables 4/5: structured pruning with no recovery, LoRA and EBFT, with their costs."""
+    part = rows[rows["structured"]]
+    if part.empty:
+        return pd.DataFrame()
+    columns = {"sparsity": "sparsity", "parameters": "parameters (M)",
+               "finetune_seconds": "fine-tuning s", "ppl": "perplexity"}
+    out = part.assign(parameters=part["parameters"] / 1e6)[list(columns)].rename(columns=columns)
+    if "acc_mean" in part:
+        out["zero-shot mean"] = part["acc_mean"]
+    out.index = [_row_label(m, f) for m, f in zip(part["method"], part["finetune"])]
+    out.index.name = "method"
+    first = part.iloc[0]
+    dense = pd.DataFrame({"sparsity": "0%", "parameters (M)": first["parameters_total"] / 1e6,
+                          "fine-tuning s": 0.0, "perplexity": first["dense_ppl"]},
+                         index=pd.Index(["Dense"], name="method"))
+    if "acc_mean" in part:
+        dense["zero-shot mean"] = first.get("dense_acc_mean")
+    return pd.concat([dense, out])
+
+
 def calibration_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Figure 2's data: perplexity vs. number of calibration samples, per configuration."""
     if rows["nsamples"].nunique() < 2:
@@ -156,6 +187,7 @@ TABLES = {
     "table2_perplexity_nm": lambda r: perplexity_table(r, structured=True),
     "table3_zeroshot": zeroshot_table,
     "table6_weights_vs_mask": tuning_table,
+    "table45_structured": structured_table,
     "figure2_calibration_size": calibration_table,
 }
 

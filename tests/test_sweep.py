@@ -36,8 +36,10 @@ def test_the_grid_expands_to_every_configuration():
     assert {(c.finetune, c.train.tune) for c in configs if "+" not in c.prune.method} == {
         ("none", "weights"), ("ebft", "weights"), ("ebft", "mask")}
     assert {c.prune.pattern for c in configs} == {None, "2:4"}
-    with pytest.raises(UserError, match="choose from none, ebft, dsnot, mask"):
-        expand(replace(sweep, finetunes=("lora",)))
+    with pytest.raises(UserError, match="choose from none, ebft, dsnot, mask, lora"):
+        expand(replace(sweep, finetunes=("qlora",)))
+    lora = expand(replace(sweep, finetunes=("lora",)))
+    assert {c.finetune for c in lora} == {"lora"}
     with pytest.raises(UserError, match="--sparsities 'half'"):
         expand(replace(sweep, sparsities=("half",)))
     with pytest.raises(UserError, match="choose threads, dask or ray"):

@@ -38,21 +38,25 @@ def register(name: str, needs_hessian: bool = False):
 
 @dataclass(frozen=True)
 class Pattern:
-    """Unstructured at ``sparsity`` (fraction pruned), or N:M: N of every M inputs pruned."""
+    """Unstructured at ``sparsity`` (fraction pruned), N:M (N of every M inputs pruned), or
+    structured (whole heads and channels, ``sparsity`` of the blocks' weights)."""
 
     sparsity: float = 0.5
     n: int = 0
     m: int = 0
+    structured: bool = False
 
     @property
     def is_nm(self) -> bool:
         return self.m > 0
 
     def label(self) -> str:
+        if self.structured:
+            return f"{self.sparsity:.0%} structured"
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.0%}"
 
 
-def parse_pattern(sparsity: float, nm: str | None = None) -> Pattern:
+def parse_pattern(sparsity: float, nm: str | None = None, structured: bool = False) -> Pattern:
     if nm:
         match = re.fullmatch(r"(\d+):(\d+)", nm.strip())
         if not match:
@@ -63,7 +67,7 @@ def parse_pattern(sparsity: float, nm: str | None = None) -> Pattern:
         return Pattern(n / m, n, m)
     if not 0 <= sparsity < 1:
         raise UserError(f"--sparsity {sparsity}: must be in [0, 1), the fraction pruned")
-    return Pattern(sparsity)
+    return Pattern(sparsity, structured=structured)
 
 
 def keep_from_scores(scores: torch.Tensor, pattern: Pattern, per_row: bool) -> torch.Tensor:
@@ -92,10 +96,16 @@ def check_nm_fits(cols: int, pattern: Pattern) -> None:
                         f"divisible by {pattern.m}, but one layer has {cols} inputs")
 
 
+# Methods that choose whole structures for the whole model at once (stages.structured), not
+# one layer at a time through the registry.
+STRUCTURED = ("flap",)
+
+
 def method_names() -> list[str]:
-    """Every valid --method: the base methods, and each with DSnoT reselection on top."""
+    """Every valid --method: the base methods, each with DSnoT reselection on top, and the
+    structured ones."""
     bases = sorted(name for name in METHODS if name != "dsnot")
-    return bases + [f"{name}+dsnot" for name in bases]
+    return bases + [f"{name}+dsnot" for name in bases] + list(STRUCTURED)
 
 
 def split_method(name: str) -> tuple[str, bool]:

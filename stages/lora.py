@@ -1,0 +1,156 @@
+"""The LoRA recovery baseline (paper §4.4): low-rank adapters on the whole pruned model.
+
+LoRA adapters (``peft``) on every projection of every block are trained by next-token
+loss over the whole model, merged into the weights, and the masks are applied again, so the
+merged model has exactly the pruned model's zeros (a merged B·A update is dense). The paper
+trains on Alpaca-GPT4 (2 epochs, lr 1e-4, batch 64, as LLM-Pruner); with no instruction data
+in the data directory this stage trains on the calibration windows themselves (C4 text):
+the same data EBFT sees, a plain-text stand-in that every report labels as such.
+
+Artifact ``lora/<key>``: the merged block projections (``weights.safetensors``, named like
+the mask artifact) and ``record.json`` (losses, time, trainable parameters, data).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import stages.architecture as arch
+from stages.errors import UserError
+from stages.progress import logger
+from store import Artifact, Store, code_version, digest_json
+
+WEIGHTS_FILE, RECORD_FILE = "weights.safetensors", "record.json"
+DATA_LABEL = "calibration windows (C4 plain text; stand-in for Alpaca-GPT4)"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    lr: float = 1e-4  # the paper's (and LLM-Pruner's) LoRA learning rate
+    epochs: int = 2
+    batch_size: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks = [(self.rank > 0, f"--lora-rank {self.rank}: must be positive"),
+                  (self.lr > 0, f"--lora-lr {self.lr}: must be positive"),
+                  (self.epochs > 0, f"--lora-epochs {self.epochs}: must be positive"),
+                  (self.batch_size > 0, f"--lora-batch-size {self.batch_size}: must be positive"),
+                  (0 <= self.dropout < 1, f"--lora-dropout {self.dropout}: must be in [0, 1)")]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    model_digest: str
+    masks_key: str
+    calibration_key: str  # the training text
+    settings: LoraSettings
+    dtype: str = "float32"
+
+    def key(self) -> str:
+        return digest_json({**asdict(self), "code": code_version(sys.modules[__name__])})[:32]
+
+
+def train(model, ids: torch.Tensor, settings: LoraSettings, log=print) -> dict:
+    """Train LoRA adapters on ``model`` (in place), merge them; returns the training record."""
+    import peft
+
+    targets = sorted({name.rsplit(".", 1)[-1]
+                      for name in arch.linear_layers(arch.decoder_blocks(model)[0])})
+    config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
+                             lora_dropout=settings.dropout, target_modules=targets,
+                             bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(settings.seed)
+    wrapped = peft.get_peft_model(model, config)
+    wrapped.train()
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr)
+    steps = math.ceil(len(ids) / settings.batch_size) * settings.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / steps))
+    gen = torch.Generator().manual_seed(settings.seed)
+    started, losses, step = time.monotonic(), [], 0
+    for epoch in range(settings.epochs):
+        total = 0.0
+        order = torch.randperm(len(ids), generator=gen)
+        for start in range(0, len(ids), settings.batch_size):
+            batch = ids[order[start:start + settings.batch_size]]
+            batch = batch.to(next(wrapped.parameters()).device)
+            loss = wrapped(input_ids=batch, labels=batch).loss
+            if not torch.isfinite(loss):
+                raise UserError(f"LoRA: loss is {loss.item()} at step {step + 1}; lower --lora-lr")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            step += 1
+            total += loss.item() * len(batch)
+        losses.append(total / len(ids))
+        log(f"lora epoch {epoch + 1}: train loss {losses[-1]:.4f}")
+    wrapped.eval()
+    merged = wrapped.merge_and_unload()
+    return {"model": merged, "train_losses": losses, "steps": step,
+            "seconds": round(time.monotonic() - started, 2),
+            "trainable_parameters": sum(p.numel() for p in params),
+            "targets": targets, "data": DATA_LABEL}
+
+
+@torch.no_grad()
+def reapply_masks(model, masks: dict[str, torch.Tensor]) -> None:
+    """The merged update is dense: put the pruned model's zeros back."""
+    for index, block in enumerate(arch.decoder_blocks(model)):
+        for name, linear in arch.linear_layers(block).items():
+            linear.weight.mul_(masks[f"{index}.{name}"].to(linear.weight.device))
+
+
+def build(store: Store, spec: LoraSpec, model_loader, masks: Artifact, calib: Artifact,
+          device: torch.device) -> Artifact:
+    """Train, merge and store the LoRA-recovered projections, unless already stored."""
+    from stages import calibration
+    from stages.devices import DTYPES
+    from stages.pruning import apply_masks, load_masks
+
+    key = spec.key()
+    if found := store.get("lora", key):
+        return found
+    model = model_loader(DTYPES[spec.dtype])
+    apply_masks(model, masks)
+    model.to(device)
+    record = train(model, calibration.load(calib), spec.settings, logger().info)
+    merged = record.pop("model")
+    keep = load_masks(masks)
+    reapply_masks(merged, keep)
+    weights = {f"{index}.{name}": linear.weight.detach().cpu().contiguous()
+               for index, block in enumerate(arch.decoder_blocks(merged))
+               for name, linear in arch.linear_layers(block).items()}
+    with store.writing("lora", key) as tmp:
+        save_file(weights, str(tmp / WEIGHTS_FILE))
+        store.write_json(tmp, RECORD_FILE, {**record, "spec": asdict(spec), "key": key})
+    return store.get("lora", key)
+
+
+@torch.no_grad()
+def load_into(model, artifact: Artifact) -> None:
+    """Put the stored merged projections into a (masked) model."""
+    weights = load_file(f"{artifact.path}/{WEIGHTS_FILE}")
+    for index, block in enumerate(arch.decoder_blocks(model)):
+        for name, linear in arch.linear_layers(block).items():
+            linear.weight.copy_(weights[f"{index}.{name}"])
+
+
+def read_record(artifact: Artifact) -> dict:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(artifact.path) / RECORD_FILE).read_text())

@@ -1,0 +1,236 @@
+"""Structured pruning (FLAP) over the whole model, and models that really are smaller.
+
+The mask stage for ``--method flap``: every block is scored on the dense model's own inputs
+(read from the shared dense capture, as FLAP scores the unpruned model), then one global
+search picks the KV groups and MLP channels to keep (``stages.masks.flap``). The artifact is
+the same as every other method's — keep-masks, plus the compensation biases — so
+perplexity, EBFT and assembly need nothing special.
+
+``shrink`` turns a masked model into a narrower one that stock ``transformers`` loads:
+Llama-style configs have one head count and one MLP width for every layer, so each layer is
+cut to the widest layer's kept width, and a layer that kept less is padded with removed
+(all-zero) units — exact, because a zero unit adds nothing. With ``--flap-structure UL-UM``
+every layer keeps the same width and nothing is padded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import stages.architecture as arch
+import store.activations as acts
+from stages.capture import ZARR_NAME
+from stages.errors import UserError
+from stages.masks import flap
+from stages.progress import Progress
+from store import Artifact, Store
+
+ATTN_OUT, MLP_OUT = "self_attn.o_proj", "mlp.down_proj"
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", ATTN_OUT,
+               "mlp.gate_proj", "mlp.up_proj", MLP_OUT)
+
+
+def layout_of(config) -> flap.Layout:
+    """The block layout from a Llama-style config; a one-line error for anything else."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return flap.Layout(config.hidden_size, heads, kv_heads, head_dim, config.intermediate_size)
+
+
+def check_model(model, with_bias: bool) -> flap.Layout:
+    """FLAP needs Llama-style projections; bias compensation needs a config that can save
+    biases on every projection (Llama's ``attention_bias`` and ``mlp_bias``)."""
+    names = set(arch.linear_layers(arch.decoder_blocks(model)[0]))
+    if not set(PROJECTIONS) <= names:
+        raise UserError(f"--method flap needs Llama-style blocks with {', '.join(PROJECTIONS)}; "
+                        f"this model's block has {', '.join(sorted(names))}")
+    if with_bias and not all(hasattr(model.config, a) for a in ("attention_bias", "mlp_bias")):
+        raise UserError(f"--method flap: {type(model.config).__name__} cannot save biases on "
+                        "every projection, so bias compensation would be lost on saving; "
+                        "pass --flap-bias off")
+    return layout_of(model.config)
+
+
+def build(store: Store, spec, model_loader, activations: Artifact,
+          device: torch.device) -> Artifact:
+    """Score every block, search the structure, store masks + biases (see module doc)."""
+    from stages.devices import DTYPES
+    from stages.pruning import BIASES_FILE, MASKS_FILE, REPORT_FILE, collect_stats, save_masks
+
+    key = spec.key()
+    started = time.monotonic()
+    dtype = DTYPES[spec.dtype]
+    model = model_loader(dtype)
+    layout = check_model(model, spec.flap_bias)
+    blocks = arch.decoder_blocks(model)
+    dense = acts.open_group(Path(activations.path) / ZARR_NAME)
+    n, seqlen, _ = dense.attrs["shape"]
+    kwargs = {}
+    ranges = [(s, min(s + spec.batch_size, n)) for s in range(0, n, spec.batch_size)]
+    attn, mlp, means = [], [], []
+    progress = Progress("masks flap (scoring blocks)", len(blocks))
+    for index, block in enumerate(blocks):
+        block.to(device)
+
+        def batches(index=index):
+            for start, stop in ranges:
+                yield acts.read(dense, index, start, stop).to(device, dtype)
+
+        def kwargs_for(batch: int) -> dict:
+            if batch not in kwargs:
+                kwargs[batch] = arch.block_kwargs(model, batch, seqlen, device, dtype)
+            return kwargs[batch]
+
+        linears = arch.linear_layers(block)
+        outputs = {name: linears[name] for name in (ATTN_OUT, MLP_OUT)}
+        stats = {name: s.as_kwargs() for name, s in
+                 collect_stats(block, outputs, batches, kwargs_for, hessian=False).items()}
+        group_width = layout.heads_per_group * layout.head_dim
+        attn.append(flap.unit_scores(
+            flap.fluctuation(outputs[ATTN_OUT].weight, stats[ATTN_OUT]["var"]), group_width))
+        mlp.append(flap.fluctuation(outputs[MLP_OUT].weight, stats[MLP_OUT]["var"]))
+        means.append({name: stats[name]["mean"] for name in outputs})
+        block.to("cpu")
+        progress.update(index + 1)
+
+    groups, channels = flap.search(torch.stack(attn), torch.stack(mlp), layout, spec.sparsity,
+                                   spec.flap_structure)
+    masks, biases = {}, {}
+    for index, block in enumerate(blocks):
+        block_keep = flap.block_masks(groups[index], channels[index], layout)
+        linears = arch.linear_layers(block)
+        for name, keep in block_keep.items():
+            masks[f"{index}.{name}"] = keep
+        if spec.flap_bias:
+            for name in (ATTN_OUT, MLP_OUT):
+                kept_inputs = block_keep[name].any(0)
+                biases[f"{index}.{name}"] = flap.compensation(
+                    linears[name].weight, means[index][name], kept_inputs).contiguous()
+
+    with store.writing("masks", key) as tmp:
+        from stages.pruning import sparsity_report
+
+        save_masks(tmp / MASKS_FILE, masks)
+        if biases:
+            save_file(biases, str(tmp / BIASES_FILE))
+        report = sparsity_report(masks, spec.parsed_pattern())
+        report.update(spec=asdict(spec), seconds=round(time.monotonic() - started, 1),
+                      calibration_samples=n,
+                      structure=structure_summary(groups, channels, layout),
+                      parameters=parameter_counts(model, masks, biases))
+        store.write_json(tmp, REPORT_FILE, report)
+    return store.get("masks", key)
+
+
+def structure_summary(groups: torch.Tensor, channels: torch.Tensor, layout: flap.Layout) -> dict:
+    """Kept KV groups, query heads and MLP channels per layer."""
+    kept_groups = groups.sum(1).tolist()
+    return {"kv_groups": layout.kv_heads, "heads_per_group": layout.heads_per_group,
+            "intermediate": layout.intermediate,
+            "kept_kv_groups": kept_groups,
+            "kept_heads": [g * layout.heads_per_group for g in kept_groups],
+            "kept_channels": channels.sum(1).tolist()}
+
+
+def parameter_counts(model, masks: dict[str, torch.Tensor], biases: dict) -> dict:
+    """Parameters of the whole model before, and those left (kept weights + added biases)."""
+    total = sum(p.numel() for p in model.parameters())
+    removed = sum(int((~keep).sum()) for keep in masks.values())
+    added = sum(b.numel() for b in biases.values())
+    return {"total": total, "remaining": total - removed + added, "removed": removed,
+            "bias_added": added}
+
+
+# ---- saving: biases a stock config can load, and physically smaller models ---------------
+
+def make_biases_loadable(model) -> None:
+    """Give every block projection a bias (zeros where there was none) and say so in the
+    config, so ``save_pretrained`` writes a folder stock transformers loads with the biases."""
+    for block in arch.decoder_blocks(model):
+        for linear in arch.linear_layers(block).values():
+            if linear.bias is None:
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features,
+                                                       dtype=linear.weight.dtype,
+                                                       device=linear.weight.device))
+    model.config.attention_bias = True
+    model.config.mlp_bias = True
+
+
+def kept_units(keep: dict[str, torch.Tensor], index: int,
+               layout: flap.Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's kept KV groups and MLP channels, read back from its keep-masks."""
+    kv_rows = keep[f"{index}.self_attn.k_proj"].any(1)
+    return kv_rows.reshape(layout.kv_heads, layout.head_dim).any(1), \
+        keep[f"{index}.mlp.gate_proj"].any(1)
+
+
+def _padded(kept: torch.Tensor, width: int) -> torch.Tensor:
+    """Indices of the kept units, filled up to ``width`` with removed ones, in order."""
+    order = torch.cat([kept.nonzero().flatten(), (~kept).nonzero().flatten()])
+    return order[:width].sort().values
+
+
+def shrink(model, keep: dict[str, torch.Tensor]):
+    """A narrower copy of a structurally masked model (see the module doc)."""
+    from transformers import AutoModelForCausalLM
+
+    layout = layout_of(model.config)
+    blocks = arch.decoder_blocks(model)
+    units = [kept_units(keep, i, layout) for i in range(len(blocks))]
+    n_groups = max(1, max(int(g.sum()) for g, _ in units))
+    n_channels = max(1, max(int(c.sum()) for _, c in units))
+    config = type(model.config).from_dict(model.config.to_dict())
+    config.num_key_value_heads = n_groups
+    config.num_attention_heads = n_groups * layout.heads_per_group
+    config.head_dim = layout.head_dim
+    config.intermediate_size = n_channels
+    dtype = next(model.parameters()).dtype
+    small = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    state = model.state_dict()
+    small_state = small.state_dict()
+    prefix = _blocks_prefix(model)
+    for name in small_state:
+        if not name.startswith(prefix):
+            small_state[name] = state[name]
+    for index, (groups, channels) in enumerate(units):
+        g = _padded(groups, n_groups)
+        q = _rows(g, layout.heads_per_group * layout.head_dim)
+        kv = _rows(g, layout.head_dim)
+        c = _padded(channels, n_channels)
+        p = f"{prefix}{index}."
+        cut = {"self_attn.q_proj": (q, None), "self_attn.k_proj": (kv, None),
+               "self_attn.v_proj": (kv, None), ATTN_OUT: (None, q),
+               "mlp.gate_proj": (c, None), "mlp.up_proj": (c, None), MLP_OUT: (None, c)}
+        for name, (rows, cols) in cut.items():
+            weight = state[f"{p}{name}.weight"]
+            weight = weight[rows] if rows is not None else weight[:, cols]
+            small_state[f"{p}{name}.weight"] = weight
+            if f"{p}{name}.bias" in small_state:
+                bias = state[f"{p}{name}.bias"]
+                small_state[f"{p}{name}.bias"] = bias[rows] if rows is not None else bias
+        for name in small_state:
+            if name.startswith(p) and name not in {f"{p}{n}.{t}" for n in cut
+                                                     for t in ("weight", "bias")}:
+                small_state[name] = state[name]  # norms
+    small.load_state_dict(small_state)
+    return small
+
+
+def _rows(units: torch.Tensor, width: int) -> torch.Tensor:
+    """Row indices of the chosen units, each ``width`` consecutive rows."""
+    return (units[:, None] * width + torch.arange(width)).flatten()
+
+
+def _blocks_prefix(model) -> str:
+    blocks = arch.decoder_blocks(model)
+    for name, module in model.named_modules():
+        if module is blocks:
+            return f"{name}."
+    raise UserError("could not find the decoder blocks' names")
