@@ -92,9 +92,7 @@ def build(store: Store, spec, model_loader, activations: Artifact,
         outputs = {name: linears[name] for name in (ATTN_OUT, MLP_OUT)}
         stats = {name: s.as_kwargs() for name, s in
                  collect_stats(block, outputs, batches, kwargs_for, hessian=False).items()}
-        group_width = layout.heads_per_group * layout.head_dim
-        attn.append(flap.unit_scores(
-            flap.fluctuation(outputs[ATTN_OUT].weight, stats[ATTN_OUT]["var"]), group_width))
+        attn.append(flap.fluctuation(outputs[ATTN_OUT].weight, stats[ATTN_OUT]["var"]))
         mlp.append(flap.fluctuation(outputs[MLP_OUT].weight, stats[MLP_OUT]["var"]))
         means.append({name: stats[name]["mean"] for name in outputs})
         block.to("cpu")

@@ -9,10 +9,11 @@ The score of input channel j of an output projection W (``o_proj`` for attention
 calibration set. Pruning units are whole structures: an attention *KV group* (its query
 heads, its key and value head, and their ``o_proj`` columns — with grouped-query attention a
 key/value head and the query heads that read it go together) and an MLP channel (a row of
-``gate``/``up``, a column of ``down``). A unit's score is the mean of its channels' scores.
+``gate``/``up``, a column of ``down``).
 
-Structure search ("AL-AM", FLAP's default): scores are standardised per module kind over
-all layers, ranked together, and the best units are kept until the kept parameters reach
+Structure search ("AL-AM", FLAP's default): channel scores are standardised per module kind
+over all layers, a unit's score is the mean of its channels' standardised scores, and all
+units are ranked together and the best units are kept until the kept parameters reach
 (1 - ratio) of the blocks' total, so every layer ends with its own width. "UL-UM" keeps the
 same share of units in every layer instead.
 
@@ -75,12 +76,18 @@ def standardize(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / scores.std().clamp_min(1e-12)
 
 
-def search(attn: torch.Tensor, mlp: torch.Tensor, layout: Layout, ratio: float,
+def search(attn_channels: torch.Tensor, mlp: torch.Tensor, layout: Layout, ratio: float,
            structure: str = "AL-AM") -> tuple[torch.Tensor, torch.Tensor]:
-    """Which KV groups ([layers, groups]) and MLP channels ([layers, channels]) to keep."""
+    """Which KV groups ([layers, groups]) and MLP channels ([layers, channels]) to keep,
+    from the channel scores of o_proj ([layers, heads·head_dim]) and down_proj."""
+    width = layout.heads_per_group * layout.head_dim
     if structure == "UL-UM":
+        attn = torch.stack([unit_scores(layer, width) for layer in attn_channels])
         return _top_per_layer(attn, 1 - ratio), _top_per_layer(mlp, 1 - ratio)
-    scores = torch.cat([standardize(attn).flatten(), standardize(mlp).flatten()])
+    # Standardise channels first, then average: a group's score stays on the channels' scale
+    # (averaging first and standardising the averages would stretch the groups' spread).
+    attn = torch.stack([unit_scores(layer, width) for layer in standardize(attn_channels)])
+    scores = torch.cat([attn.flatten(), standardize(mlp).flatten()])
     costs = torch.cat([torch.full((attn.numel(),), float(layout.group_cost)),
                        torch.full((mlp.numel(),), float(layout.channel_cost))])
     order = scores.argsort(descending=True)
