@@ -12,7 +12,7 @@ key/value head and the query heads that read it go together) and an MLP channel 
 ``gate``/``up``, a column of ``down``).
 
 Structure search ("AL-AM", FLAP's default): channel scores are standardised per module kind
-over all layers, a unit's score is the mean of its channels' standardised scores, and all
+within each layer, a unit's score is the mean of its channels' standardised scores, and all
 units are ranked together and the best units are kept until the kept parameters reach
 (1 - ratio) of the blocks' total, so every layer ends with its own width. "UL-UM" keeps the
 same share of units in every layer instead.
@@ -72,8 +72,10 @@ def unit_scores(channel_scores: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def standardize(scores: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit deviation over every entry, so attention and MLP units compare."""
-    return (scores - scores.mean()) / scores.std().clamp_min(1e-12)
+    """Zero mean, unit deviation within each layer (each row), so attention and MLP units
+    compare; the ranking across layers then decides each layer's width."""
+    mean, std = scores.mean(-1, keepdim=True), scores.std(-1, keepdim=True)
+    return (scores - mean) / std.clamp_min(1e-12)
 
 
 def search(attn_channels: torch.Tensor, mlp: torch.Tensor, layout: Layout, ratio: float,
