@@ -58,7 +58,10 @@ def build(store: Store, spec: AssemblySpec, model: ModelSource, masks: Artifact,
         load_block_weights(block, artifact)
     if lora_artifact is not None:
         lora.load_into(dense, lora_artifact)
-    report = sparsity_report(model_keep_masks(dense), pattern)
+    # Structured: the masks say which heads/channels went; the weights alone cannot (a kept
+    # weight may be exactly zero, e.g. after 4-bit dequantization).
+    keep = load_masks(masks) if pattern.structured else model_keep_masks(dense)
+    report = sparsity_report(keep, pattern)
     if load_biases(masks):  # FLAP's compensation: every projection gets a bias
         structured.make_biases_loadable(dense)
     if spec.form == "compact":
