@@ -54,18 +54,18 @@ def build(store: Store, spec: AssemblySpec, model: ModelSource, masks: Artifact,
         return found
     dense = load_model(model, torch.float32)
     apply_masks(dense, masks)
+    keep = load_masks(masks)
     for block, artifact in zip(arch.decoder_blocks(dense), blocks, strict=False):
         load_block_weights(block, artifact)
     if lora_artifact is not None:
         lora.load_into(dense, lora_artifact)
     # Structured: the masks say which heads/channels went; the weights alone cannot (a kept
     # weight may be exactly zero, e.g. after 4-bit dequantization).
-    keep = load_masks(masks) if pattern.structured else model_keep_masks(dense)
-    report = sparsity_report(keep, pattern)
+    report = sparsity_report(keep if pattern.structured else model_keep_masks(dense), pattern)
     if load_biases(masks):  # FLAP's compensation: every projection gets a bias
         structured.make_biases_loadable(dense)
     if spec.form == "compact":
-        dense = structured.shrink(dense, load_masks(masks))
+        dense = structured.shrink(dense, keep)
     dense.to(DTYPES[spec.dtype])
     summary = {k: v for k, v in report.items() if k != "layers"}
     summary.update(form=spec.form, parameters=sum(p.numel() for p in dense.parameters()))

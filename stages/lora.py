@@ -106,20 +106,12 @@ def train(model, ids: torch.Tensor, settings: LoraSettings, log=print) -> dict:
             "targets": targets, "data": DATA_LABEL}
 
 
-@torch.no_grad()
-def reapply_masks(model, masks: dict[str, torch.Tensor]) -> None:
-    """The merged update is dense: put the pruned model's zeros back."""
-    for index, block in enumerate(arch.decoder_blocks(model)):
-        for name, linear in arch.linear_layers(block).items():
-            linear.weight.mul_(masks[f"{index}.{name}"].to(linear.weight.device))
-
-
 def build(store: Store, spec: LoraSpec, model_loader, masks: Artifact, calib: Artifact,
           device: torch.device) -> Artifact:
     """Train, merge and store the LoRA-recovered projections, unless already stored."""
     from stages import calibration
     from stages.devices import DTYPES
-    from stages.pruning import apply_masks, load_masks
+    from stages.pruning import apply_block, apply_masks, load_masks
 
     key = spec.key()
     if found := store.get("lora", key):
@@ -130,7 +122,8 @@ def build(store: Store, spec: LoraSpec, model_loader, masks: Artifact, calib: Ar
     record = train(model, calibration.load(calib), spec.settings, logger().info)
     merged = record.pop("model")
     keep = load_masks(masks)
-    reapply_masks(merged, keep)
+    for index, block in enumerate(arch.decoder_blocks(merged)):  # the merged B·A is dense:
+        apply_block(block, index, keep, {}, {})                  # put the zeros back
     weights = {f"{index}.{name}": linear.weight.detach().cpu().contiguous()
                for index, block in enumerate(arch.decoder_blocks(merged))
                for name, linear in arch.linear_layers(block).items()}

@@ -73,6 +73,12 @@ def build(store: Store, spec, model_loader, activations: Artifact,
     dense = acts.open_group(Path(activations.path) / ZARR_NAME)
     n, seqlen, _ = dense.attrs["shape"]
     kwargs = {}
+
+    def kwargs_for(batch: int) -> dict:
+        if batch not in kwargs:
+            kwargs[batch] = arch.block_kwargs(model, batch, seqlen, device, dtype)
+        return kwargs[batch]
+
     ranges = [(s, min(s + spec.batch_size, n)) for s in range(0, n, spec.batch_size)]
     attn, mlp, means = [], [], []
     progress = Progress("masks flap (scoring blocks)", len(blocks))
@@ -82,11 +88,6 @@ def build(store: Store, spec, model_loader, activations: Artifact,
         def batches(index=index):
             for start, stop in ranges:
                 yield acts.read(dense, index, start, stop).to(device, dtype)
-
-        def kwargs_for(batch: int) -> dict:
-            if batch not in kwargs:
-                kwargs[batch] = arch.block_kwargs(model, batch, seqlen, device, dtype)
-            return kwargs[batch]
 
         linears = arch.linear_layers(block)
         outputs = {name: linears[name] for name in (ATTN_OUT, MLP_OUT)}
@@ -192,11 +193,10 @@ def shrink(model, keep: dict[str, torch.Tensor]):
     dtype = next(model.parameters()).dtype
     small = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     state = model.state_dict()
-    small_state = small.state_dict()
+    # Same names (the biases were made loadable before): copy everything, then cut the
+    # projections of every block to the kept (and padding) units.
+    small_state = {name: state[name] for name in small.state_dict()}
     prefix = _blocks_prefix(model)
-    for name in small_state:
-        if not name.startswith(prefix):
-            small_state[name] = state[name]
     for index, (groups, channels) in enumerate(units):
         g = _padded(groups, n_groups)
         q = _rows(g, layout.heads_per_group * layout.head_dim)
@@ -213,10 +213,6 @@ def shrink(model, keep: dict[str, torch.Tensor]):
             if f"{p}{name}.bias" in small_state:
                 bias = state[f"{p}{name}.bias"]
                 small_state[f"{p}{name}.bias"] = bias[rows] if rows is not None else bias
-        for name in small_state:
-            if name.startswith(p) and name not in {f"{p}{n}.{t}" for n in cut
-                                                     for t in ("weight", "bias")}:
-                small_state[name] = state[name]  # norms
     small.load_state_dict(small_state)
     return small
 
