@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10, help="the paper's T")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="ours: early-stop tolerance (0 runs every epoch, like theirs)")
+    parser.add_argument("--variants", default="authors,ours,ours+norms",
+                        help="which recipes to run (comma list)")
     parser.add_argument("--out", default="bench/results/vs_authors.json")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # child process
     parser.add_argument("--block", type=int, default=None, help=argparse.SUPPRESS)
@@ -168,7 +172,8 @@ def ours(block, keep, rows, kwargs_for, train_rows, holdout_rows, args) -> dict:
     from stages.block_training import TrainConfig, train_block
 
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
-                      autocast="auto", train_norms=args.variant == "ours+norms")
+                      tolerance=args.tolerance, autocast="auto",
+                      train_norms=args.variant == "ours+norms")
 
     def batches(index: list[int]):
         return rows(args.block, index), rows(args.block + 1, index)
@@ -213,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for block in [int(b) for b in args.blocks.split(",")]:
-        for variant in ("authors", "ours", "ours+norms"):
+        for variant in args.variants.split(","):
             cmd = [sys.executable, __file__, "--variant", variant, "--block", str(block),
                    "--store", args.store, "--model", args.model, "--epochs", str(args.epochs),
-                   "--batch-size", str(args.batch_size), "--lr", str(args.lr)]
+                   "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                   "--tolerance", str(args.tolerance)]
             if args.activations:
                 cmd += ["--activations", args.activations]
             done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)

@@ -185,6 +185,9 @@ def prefect_env(store: str) -> None:
                                                                       "results"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # keep the log readable
+    # The first start of the ephemeral server migrates its SQLite database; on a busy
+    # 2-core machine that can outlast Prefect's 20 s default and fail the whole run.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _dense_config(args: argparse.Namespace):

@@ -124,7 +124,7 @@ def collect_stats(block, linears: dict, batches, kwargs_for, hessian: bool) -> d
                 if seen is x:
                     stats.setdefault(name, acc)
                     return
-            acc = stats.setdefault(name, LayerStats(x.shape[-1], hessian))
+            acc = stats.setdefault(name, LayerStats(x.shape[-1], hessian, x.device))
             acc.add(x)
             this_batch.append((x, acc))
         return record

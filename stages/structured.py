@@ -93,9 +93,10 @@ def build(store: Store, spec, model_loader, activations: Artifact,
         outputs = {name: linears[name] for name in (ATTN_OUT, MLP_OUT)}
         stats = {name: s.as_kwargs() for name, s in
                  collect_stats(block, outputs, batches, kwargs_for, hessian=False).items()}
-        attn.append(flap.fluctuation(outputs[ATTN_OUT].weight, stats[ATTN_OUT]["var"]))
-        mlp.append(flap.fluctuation(outputs[MLP_OUT].weight, stats[MLP_OUT]["var"]))
-        means.append({name: stats[name]["mean"] for name in outputs})
+        # scores and means go to the CPU: the search and the biases work on CPU blocks
+        attn.append(flap.fluctuation(outputs[ATTN_OUT].weight, stats[ATTN_OUT]["var"]).cpu())
+        mlp.append(flap.fluctuation(outputs[MLP_OUT].weight, stats[MLP_OUT]["var"]).cpu())
+        means.append({name: stats[name]["mean"].cpu() for name in outputs})
         block.to("cpu")
         progress.update(index + 1)
 

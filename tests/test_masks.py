@@ -102,3 +102,11 @@ def test_dsnot_never_increases_its_error_and_keeps_sparsity_exact(pattern):
     if pattern.is_nm:
         groups = (~after).reshape(32, -1, pattern.m).sum(-1)
         assert (groups == pattern.n).all()
+
+
+def test_statistics_stay_on_the_inputs_device():
+    """Sums live where the block runs (a GPU in practice; 'meta' stands in here), so the
+    masks computed from them need no copies between devices."""
+    acc = LayerStats(8, hessian=True, device="meta")
+    acc.add(torch.empty(2, 5, 8, device="meta"))
+    assert all(t.device.type == "meta" for t in acc.as_kwargs().values())

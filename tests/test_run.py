@@ -96,8 +96,11 @@ def test_train_norms_changes_the_norms_in_the_saved_model_and_keeps_the_mask(
         assert record["end_loss"] < record["start_loss"]
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_masked_weights_are_zero_after_every_step(monkeypatch, tmp_path, model, data_dir,
-                                                  prefect_server):
+                                                  prefect_server, weight_decay):
+    """Without decay nothing re-masks the weights (zero gradients keep Adam's update at
+    exactly zero); with decay the zeros are put back after each step."""
     checked = []
     original = training.BlockTuner.after_step
 
@@ -108,9 +111,25 @@ def test_masked_weights_are_zero_after_every_step(monkeypatch, tmp_path, model, 
         checked.append(1)
 
     monkeypatch.setattr(training.BlockTuner, "after_step", after_step_then_check)
-    run_flow(config(tmp_path / "store", model, data_dir, prune=PruneConfig("sparsegpt", 0.6),
-                    finetune="ebft"))
+    cfg = config(tmp_path / "store", model, data_dir, prune=PruneConfig("sparsegpt", 0.6),
+                 finetune="ebft")
+    run_flow(replace(cfg, train=replace(cfg.train, weight_decay=weight_decay)))
     assert len(checked) >= 3 * 3  # 3 blocks, 3 steps per epoch at least one epoch each
+
+
+def test_preloaded_rows_equal_streamed_rows(tmp_path):
+    """Training batches sliced from memory hold exactly the stored values."""
+    import store.activations as acts
+
+    group = acts.create(tmp_path / "a.zarr", 2, (6, 4, 8), torch.bfloat16, {})
+    for boundary in range(2):
+        acts.write(group, boundary, 0, torch.randn(6, 4, 8))
+    ctx = type("Ctx", (), {"n": 6, "seqlen": 4, "hidden": 8, "device": torch.device("cpu")})
+    rows = [4, 0, 3]
+    memory = ebft.preload(ctx, (group, 0), (group, 1))(rows)
+    streamed = ebft.preload(ctx, (group, 0), (group, 1), share=0.0)(rows)
+    for a, b in zip(memory, streamed, strict=True):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
 
 
 def test_resume_after_failure_at_block_k_recomputes_nothing_before_it(

@@ -6,16 +6,21 @@ import torch
 
 
 class LayerStats:
-    """Running Σx, Σx² (and Σxxᵀ if asked) over every calibration token, in float64/32."""
+    """Running Σx, Σx² (and Σxxᵀ if asked) over every calibration token, in float64/32.
 
-    def __init__(self, features: int, hessian: bool = False) -> None:
+    The sums live on the device of the inputs (the block's device), so the statistics, and
+    the masks computed from them, never leave the GPU.
+    """
+
+    def __init__(self, features: int, hessian: bool = False,
+                 device: torch.device | str = "cpu") -> None:
         self.count = 0
-        self.sum = torch.zeros(features, dtype=torch.float64)
-        self.sumsq = torch.zeros(features, dtype=torch.float64)
-        self.hessian = torch.zeros(features, features) if hessian else None
+        self.sum = torch.zeros(features, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(features, dtype=torch.float64, device=device)
+        self.hessian = torch.zeros(features, features, device=device) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         self.count += len(x)
         self.sum += x.sum(0, dtype=torch.float64)
         self.sumsq += (x * x).sum(0, dtype=torch.float64)
