@@ -88,9 +88,8 @@ def block_flops(block, batch: int, seqlen: int, hidden: int) -> float:
 
 
 def time_steps(block, keep, kwargs, cfg, device, batch, seqlen, hidden, steps) -> list[float]:
-    """Seconds per EBFT step of our loop's own pieces (BlockTuner: forward, masked update)."""
-    import torch.nn.functional as F
-
+    """Seconds per EBFT step: the production step itself (BlockTuner.step: forward, MSE,
+    backward, masked update), on random inputs."""
     from stages.block_training import BlockTuner, autocast_for
 
     tuner = BlockTuner(block, keep, cfg, nm_m=0)
@@ -102,14 +101,7 @@ def time_steps(block, keep, kwargs, cfg, device, batch, seqlen, hidden, steps) -
     for step in range(steps + 1):  # the first step warms up
         sync(device)
         start = time.perf_counter()
-        with amp:
-            out = tuner.forward(x, kwargs)
-        loss = F.mse_loss(out.float(), y)
-        loss.backward()
-        tuner.after_backward()
-        tuner.optimizer.step()
-        tuner.optimizer.zero_grad(set_to_none=True)
-        tuner.after_step()
+        tuner.step(x, y, kwargs, amp)
         sync(device)
         if step:
             times.append(time.perf_counter() - start)

@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="ours: early-stop tolerance (0 runs every epoch, like theirs)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="shuffling seed of both recipes (their spread shows the noise)")
     parser.add_argument("--variants", default="authors,ours,ours+norms",
                         help="which recipes to run (comma list)")
     parser.add_argument("--out", default="bench/results/vs_authors.json")
@@ -138,7 +140,7 @@ def authors(block, keep, rows, kwargs_for, train_rows, args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     total = steps_per_epoch * args.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / total))
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(args.seed)
     for _epoch in range(args.epochs):
         order = torch.randperm(len(inps), generator=gen)
         for s in range(0, len(order), args.batch_size):
@@ -172,7 +174,7 @@ def ours(block, keep, rows, kwargs_for, train_rows, holdout_rows, args) -> dict:
     from stages.block_training import TrainConfig, train_block
 
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
-                      tolerance=args.tolerance, autocast="auto",
+                      tolerance=args.tolerance, autocast="auto", seed=args.seed,
                       train_norms=args.variant == "ours+norms")
 
     def batches(index: list[int]):
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--variant", variant, "--block", str(block),
                    "--store", args.store, "--model", args.model, "--epochs", str(args.epochs),
                    "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                   "--tolerance", str(args.tolerance)]
+                   "--tolerance", str(args.tolerance), "--seed", str(args.seed)]
             if args.activations:
                 cmd += ["--activations", args.activations]
             done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)

@@ -162,6 +162,21 @@ class BlockTuner:
             out = functional_call(self.block, effective, (x,), kwargs, strict=False)
         return out[0] if isinstance(out, tuple) else out
 
+    def step(self, x: torch.Tensor, y: torch.Tensor, kwargs: dict, amp) -> torch.Tensor:
+        """Forward, MSE, backward and the masked update on one batch; returns the loss.
+        A non-finite loss is returned without touching the weights."""
+        with amp:
+            out = self.forward(x, kwargs)
+        loss = F.mse_loss(out.float(), y.float())
+        if not torch.isfinite(loss):
+            return loss
+        loss.backward()
+        self.after_backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.after_step()
+        return loss
+
     def after_backward(self) -> None:
         if self.cfg.tune == "weights":  # pruned weights get no gradient, so Adam leaves them
             for name, w in self.weights.items():
@@ -236,19 +251,12 @@ def train_block(block, keep: dict[str, torch.Tensor], batches: Batches, train_ro
         for start in range(0, len(order), cfg.batch_size):
             chunk = order[start:start + cfg.batch_size]
             x, y = batches(chunk)
-            with amp:
-                out = tuner.forward(x, kwargs_for(len(chunk)))
-            loss = F.mse_loss(out.float(), y.float())
+            loss = tuner.step(x, y, kwargs_for(len(chunk)), amp)
             step += 1
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"block {index}: loss is {loss.item()} at step {step} "
                                     f"(epoch {epoch + 1}); lower --lr or use --autocast none")
-            loss.backward()
-            tuner.after_backward()
-            tuner.optimizer.step()
-            tuner.optimizer.zero_grad(set_to_none=True)
             schedule.step()
-            tuner.after_step()
             epoch_loss += loss.item() * len(chunk)
             tokens += x.shape[0] * x.shape[1]
         epochs = epoch + 1
