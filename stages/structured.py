@@ -184,7 +184,7 @@ def shrink(model, keep: dict[str, torch.Tensor]):
     layout = layout_of(model.config)
     blocks = arch.decoder_blocks(model)
     units = [kept_units(keep, i, layout) for i in range(len(blocks))]
-    n_groups = max(1, max(int(g.sum()) for g, _ in units))
+    n_groups = loadable_groups(max(1, max(int(g.sum()) for g, _ in units)), layout)
     n_channels = max(1, max(int(c.sum()) for _, c in units))
     config = type(model.config).from_dict(model.config.to_dict())
     config.num_key_value_heads = n_groups
@@ -216,6 +216,17 @@ def shrink(model, keep: dict[str, torch.Tensor]):
                 small_state[f"{p}{name}.bias"] = bias[rows] if rows is not None else bias
     small.load_state_dict(small_state)
     return small
+
+
+def loadable_groups(widest: int, layout: flap.Layout) -> int:
+    """The fewest KV groups, at least ``widest``, that transformers accepts: its configs
+    require the hidden size to be a multiple of the query head count (even with an explicit
+    head_dim), so e.g. 3 groups of 8 heads (24) cannot be saved for hidden 2048; the
+    extra groups are removed (all-zero) ones, which is exact."""
+    groups = widest
+    while layout.hidden % (groups * layout.heads_per_group):
+        groups += 1
+    return groups
 
 
 def _rows(units: torch.Tensor, width: int) -> torch.Tensor:

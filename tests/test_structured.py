@@ -11,6 +11,7 @@ from test_run import config, linear_weights
 
 from flows.cli import main
 from flows.run import PruneConfig, run_flow
+from stages import structured
 from stages.lora import LoraSettings
 from stages.masks import flap
 
@@ -197,3 +198,16 @@ def test_flap_without_bias_compensation_runs_on_qwen(prefect_server, tmp_path, d
     report = run_flow(cfg)
     assert report["mask_report"]["parameters"]["bias_added"] == 0
     assert report["perplexity"]["pruned"]["perplexity"] > 0
+
+
+def test_compact_head_count_is_one_transformers_accepts():
+    """transformers wants hidden % heads == 0: 3 groups of 8 heads (24) for hidden 2048 is
+    padded to 4 groups; SmolLM2's 2 groups of 3 heads (6) divide 576 and stay."""
+    from transformers import LlamaConfig
+
+    tinyllama = flap.Layout(2048, 32, 4, 64, 5632)
+    assert structured.loadable_groups(3, tinyllama) == 4
+    assert structured.loadable_groups(2, tinyllama) == 2
+    assert structured.loadable_groups(2, flap.Layout(576, 9, 3, 64, 1536)) == 2
+    with pytest.raises(Exception, match="multiple of the number of attention heads"):
+        LlamaConfig(hidden_size=2048, num_attention_heads=24, num_key_value_heads=3)
