@@ -7,8 +7,12 @@ the pruned weights are exactly zero after every step and in the result.
 
 Mask tuning: each weight gets a score; the kept set is the top-k scores of each row (or of
 each N:M group), with k fixed by the starting mask, so the sparsity never changes. Scores
-start at r (kept) or r - 1 (pruned), r = |W| / max |W| of the row, so the starting mask is
-reproduced, and they learn through a straight-through estimator:
+start at +m + (m/2)·r (kept) or -m + (m/2)·r (pruned), r = |W| / max |W| of the row,
+m = MASK_MARGIN: every kept score is above every pruned one, so the starting mask is
+reproduced, with magnitude breaking ties, and the gap (at least 1.5·m) is small enough that
+a weight the loss keeps pushing swaps in after two or three steps at the default --mask-lr.
+(Starting at r and r - 1 made the gap at least 1: about 100 Adam steps, so short runs never
+changed the mask.) Scores learn through a straight-through estimator:
 W_eff = W · (hard + s - s.detach()), whose gradient w.r.t. s is W · ∂L/∂W_eff.
 """
 
@@ -28,6 +32,7 @@ from torch.func import functional_call
 from stages.errors import UserError
 
 Batches = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+MASK_MARGIN = 0.01  # half the score gap between kept and pruned weights at the start
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,8 @@ class BlockTuner:
             for name, w in self.weights.items():
                 r = w.detach().abs().float()
                 r = r / r.amax(dim=1, keepdim=True).clamp_min(1e-12)
-                self.scores[name] = torch.where(self.keep[name], r, r - 1).requires_grad_(True)
+                side = torch.where(self.keep[name], MASK_MARGIN, -MASK_MARGIN)
+                self.scores[name] = (side + MASK_MARGIN / 2 * r).requires_grad_(True)
                 k = self.keep[name]
                 groups = k.reshape(len(k), -1, nm_m) if nm_m else k
                 self.counts[name] = groups.sum(-1)
