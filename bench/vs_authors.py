@@ -51,8 +51,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="ours: early-stop tolerance (0 runs every epoch, like theirs)")
-    parser.add_argument("--clip-norm", type=float, default=0.0,
-                        help="ours: gradient clipping (theirs clips at 1.0)")
     parser.add_argument("--seed", type=int, default=0,
                         help="shuffling seed of both recipes (their spread shows the noise)")
     parser.add_argument("--variants", default="authors,ours,ours+norms",
@@ -177,7 +175,6 @@ def ours(block, keep, rows, kwargs_for, train_rows, holdout_rows, args) -> dict:
 
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
                       tolerance=args.tolerance, autocast="auto", seed=args.seed,
-                      clip_norm=args.clip_norm,
                       train_norms=args.variant == "ours+norms")
 
     def batches(index: list[int]):
@@ -227,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--variant", variant, "--block", str(block),
                    "--store", args.store, "--model", args.model, "--epochs", str(args.epochs),
                    "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                   "--tolerance", str(args.tolerance), "--seed", str(args.seed),
-                   "--clip-norm", str(args.clip_norm)]
+                   "--tolerance", str(args.tolerance), "--seed", str(args.seed),]
             if args.activations:
                 cmd += ["--activations", args.activations]
             done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)

@@ -44,7 +44,6 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.0
-    clip_norm: float = 0.0  # clip the gradient's global norm to this (0: off)
     batch_size: int = 8
     max_epochs: int = 10
     tolerance: float = 0.01  # stop when an epoch improves the held-out loss by less than 1%
@@ -61,7 +60,6 @@ class TrainConfig:
             (self.lr > 0 and self.mask_lr > 0, "--lr and --mask-lr must be positive"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "--betas must be in [0, 1)"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-            (self.clip_norm >= 0, "--clip-norm must be >= 0 (0 turns clipping off)"),
             (self.batch_size > 0, f"--train-batch-size {self.batch_size}: must be positive"),
             (self.max_epochs > 0, f"--epochs {self.max_epochs}: must be positive"),
             (self.tolerance >= 0, "--tolerance must be >= 0"),
@@ -180,8 +178,6 @@ class BlockTuner:
             return loss
         loss.backward()
         self.after_backward()
-        if self.cfg.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.after_step()
