@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--variant", variant, "--block", str(block),
                    "--store", args.store, "--model", args.model, "--epochs", str(args.epochs),
                    "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                   "--tolerance", str(args.tolerance), "--seed", str(args.seed),]
+                   "--tolerance", str(args.tolerance), "--seed", str(args.seed)]
             if args.activations:
                 cmd += ["--activations", args.activations]
             done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)

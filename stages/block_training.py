@@ -168,20 +168,22 @@ class BlockTuner:
             out = functional_call(self.block, effective, (x,), kwargs, strict=False)
         return out[0] if isinstance(out, tuple) else out
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, kwargs: dict, amp) -> torch.Tensor:
-        """Forward, MSE, backward and the masked update on one batch; returns the loss.
-        A non-finite loss is returned without touching the weights."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, kwargs: dict, amp) -> float:
+        """Forward, MSE, backward and the masked update on one batch; returns the loss
+        (read once: on a GPU each read waits for the device). A non-finite loss is
+        returned without touching the weights."""
         with amp:
             out = self.forward(x, kwargs)
         loss = F.mse_loss(out.float(), y.float())
-        if not torch.isfinite(loss):
-            return loss
+        value = loss.item()
+        if not math.isfinite(value):
+            return value
         loss.backward()
         self.after_backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.after_step()
-        return loss
+        return value
 
     def after_backward(self) -> None:
         if self.cfg.tune == "weights":  # pruned weights get no gradient, so Adam leaves them
@@ -259,11 +261,11 @@ def train_block(block, keep: dict[str, torch.Tensor], batches: Batches, train_ro
             x, y = batches(chunk)
             loss = tuner.step(x, y, kwargs_for(len(chunk)), amp)
             step += 1
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"block {index}: loss is {loss.item()} at step {step} "
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"block {index}: loss is {loss} at step {step} "
                                     f"(epoch {epoch + 1}); lower --lr or use --autocast none")
             schedule.step()
-            epoch_loss += loss.item() * len(chunk)
+            epoch_loss += loss * len(chunk)
             tokens += x.shape[0] * x.shape[1]
         epochs = epoch + 1
         train_losses.append(epoch_loss / len(order))
