@@ -4,7 +4,9 @@
 
 Both variants fine-tune the same SmolLM2 blocks, from the same Wanda 50% mask, on the same
 calibration windows (the dense capture of a previous ``ebft run``: block l's dense inputs,
-target = the dense block's outputs), with the same learning rate, betas and batch size.
+target = the dense block's outputs), with the same betas, batch size and epoch budget.
+Each uses its own default learning rate: theirs 2e-4 (``--lr``), ours ``TrainConfig.lr``
+(``--set lr=2e-4`` runs ours at theirs, ``--lr 1e-3`` theirs at ours).
 
 - authors: the recipe of github.com/sunggo/EBFT (lib/finetune.py, lib/options.py), as facts:
   the whole calibration set and its targets held in memory as tensors, every block
@@ -12,7 +14,8 @@ target = the dense block's outputs), with the same learning rate, betas and batc
   weight decay 0.1, gradient clipping at 1.0, a fixed number of epochs, no caching. (Their
   fp16 autocast is CUDA-only, so on CPU it trains in fp32, like ours.)
 - ours: ``stages.block_training.train_block``: activations streamed from Zarr in batches,
-  only the linear weights trained, masked gradients, early stop on a held-out window.
+  only the linear weights trained, masked gradients, gradient clipping at 1.0, early stop
+  on a held-out window.
 - ours+norms: the same with ``--train-norms`` (the norm scales train too, as in theirs).
 
 Each (variant, block) runs in its own process so its peak RSS is its own. Reported: seconds,
@@ -23,6 +26,7 @@ window neither variant trains on). Prints a Markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -48,13 +52,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--blocks", default="0,14,29")
     parser.add_argument("--epochs", type=int, default=10, help="the paper's T")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=2e-4,
+                        help="the authors' recipe's learning rate (their released 2e-4); "
+                             "ours takes its default (TrainConfig.lr) unless --set lr=...")
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="ours: early-stop tolerance (0 runs every epoch, like theirs)")
     parser.add_argument("--seed", type=int, default=0,
                         help="shuffling seed of both recipes (their spread shows the noise)")
     parser.add_argument("--variants", default="authors,ours,ours+norms",
                         help="which recipes to run (comma list)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="ours: override a TrainConfig field, e.g. --set lr=2e-4 "
+                             "(repeatable; --epochs, --batch-size, --tolerance and --seed "
+                             "are set from their own flags)")
     parser.add_argument("--out", default="bench/results/vs_authors.json")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # child process
     parser.add_argument("--block", type=int, default=None, help=argparse.SUPPRESS)
@@ -158,7 +168,7 @@ def authors(block, keep, rows, kwargs_for, train_rows, args) -> dict:
             linear.weight.mul_(keep[name])
     for p in params:
         p.requires_grad_(False)
-    return {"epochs": args.epochs}
+    return {"lr": args.lr, "epochs": args.epochs}
 
 
 class _Masked(torch.nn.Module):
@@ -170,19 +180,36 @@ class _Masked(torch.nn.Module):
         return weight * self.mask
 
 
+def overrides(settings: list[str]) -> dict:
+    """``["max_grad_norm=1", "train_norms=true"]`` -> typed TrainConfig fields."""
+    from stages.block_training import TrainConfig
+
+    types = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in settings:
+        name, _, value = item.partition("=")
+        if name not in types or not value:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(types)}")
+        kind = types[name]
+        out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
 def ours(block, keep, rows, kwargs_for, train_rows, holdout_rows, args) -> dict:
     from stages.block_training import TrainConfig, train_block
 
-    cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs,
+    cfg = TrainConfig(batch_size=args.batch_size, max_epochs=args.epochs,
                       tolerance=args.tolerance, autocast="auto", seed=args.seed,
                       train_norms=args.variant == "ours+norms")
+    cfg = dataclasses.replace(cfg, **overrides(args.set))
 
     def batches(index: list[int]):
         return rows(args.block, index), rows(args.block + 1, index)
 
     record = train_block(block, keep, batches, train_rows, holdout_rows, kwargs_for, cfg,
                          torch.device("cpu"), torch.float32, args.block, log=lambda _m: None)
-    return {"epochs": record["epochs"]}
+    return {"lr": cfg.lr, "epochs": record["epochs"], "eval_losses": record["eval_losses"]}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -213,8 +240,20 @@ def child(args: argparse.Namespace) -> None:
         "mask_exact": zeros_kept, "capture": str(capture)}))
 
 
+def epochs_to_authors(row: dict, rows: list[dict]) -> str:
+    """The first epoch after which ours was at or below the authors' final held-out MSE
+    on the same block ("-" for the authors' rows, or when they did not run)."""
+    theirs = [r["holdout_loss"] for r in rows
+              if r["variant"] == "authors" and r["block"] == row["block"]]
+    if row["variant"] == "authors" or not theirs:
+        return "-"
+    reached = [i + 1 for i, loss in enumerate(row["eval_losses"]) if loss <= theirs[0]]
+    return str(reached[0]) if reached else "never"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    overrides(args.set)  # a bad --set fails here, before any block runs
     if args.variant:
         child(args)
         return 0
@@ -225,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--store", args.store, "--model", args.model, "--epochs", str(args.epochs),
                    "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                    "--tolerance", str(args.tolerance), "--seed", str(args.seed)]
+            cmd += [f"--set={item}" for item in args.set]
             if args.activations:
                 cmd += ["--activations", args.activations]
             done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)
@@ -232,19 +272,22 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(done.stderr[-2000:])
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"block {block} {variant:<10} {r['seconds']:>6.1f}s {r['epochs']} epochs "
+            if variant != "authors" and args.set:
+                r["variant"] = f"{variant} [{' '.join(args.set)}]"
+            print(f"block {block} {r['variant']:<10} {r['seconds']:>6.1f}s {r['epochs']} epochs "
                   f"peak {r['peak_rss_mb']} MB train {r['train_loss']:.5g} "
                   f"held-out {r['holdout_loss']:.5g}", flush=True)
     print()
-    print(f"calibration: {rows[0]['capture']}; Wanda 50%; lr {args.lr}, batch "
-          f"{args.batch_size}, at most {args.epochs} epochs")
-    print("| block | recipe | seconds | epochs | peak RSS MB | train MSE | held-out MSE "
-          "(before) | masks exact |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"calibration: {rows[0]['capture']}; Wanda 50%; batch {args.batch_size}, at most "
+          f"{args.epochs} epochs")
+    print("| block | recipe | lr | seconds | epochs | peak RSS MB | train MSE | held-out MSE "
+          "(before) | epochs to the authors' held-out MSE | masks exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['block']} | {r['variant']} | {r['seconds']:.1f} | {r['epochs']} | "
-              f"{r['peak_rss_mb']} | {r['train_loss']:.5g} | {r['holdout_loss']:.5g} "
-              f"({r['holdout_loss_before']:.5g}) | {r['mask_exact']} |")
+        print(f"| {r['block']} | {r['variant']} | {r['lr']:g} | {r['seconds']:.1f} | "
+              f"{r['epochs']} | {r['peak_rss_mb']} | {r['train_loss']:.5g} | "
+              f"{r['holdout_loss']:.5g} ({r['holdout_loss_before']:.5g}) | "
+              f"{epochs_to_authors(r, rows)} | {r['mask_exact']} |")
     write_results(args.out, {"args": vars(args), "rows": rows})
     return 0
 

@@ -1,0 +1,65 @@
+"""The block training step on a tiny random Llama block, without Prefect or a store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import stages.architecture as arch
+from stages import block_training as training
+from stages.block_training import BlockTuner, TrainConfig
+
+
+def tiny_block():
+    """Block 0 of a random Llama, half its weights pruned, with an input and a target."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=100))
+    block = arch.decoder_blocks(model)[0]
+    keep = {name: torch.rand_like(linear.weight) < 0.5
+            for name, linear in arch.linear_layers(block).items()}
+    with torch.no_grad():
+        for name, linear in arch.linear_layers(block).items():
+            linear.weight.mul_(keep[name])
+    x, y = torch.randn(2, 16, 64), torch.randn(2, 16, 64) * 3
+    kwargs = arch.block_kwargs(model, 2, 16, torch.device("cpu"), torch.float32)
+    return block, keep, x, y, kwargs
+
+
+def gradient_norm_seen_by_the_optimizer(tuner: BlockTuner, x, y, kwargs) -> float:
+    seen = []
+    original = tuner.optimizer.step
+
+    def record_then_step(*args, **kw):
+        grads = [p.grad for p in tuner.params if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads]))))
+        for name, w in tuner.weights.items():  # clipping scales; pruned gradients stay 0
+            assert not w.grad[~tuner.keep[name]].any(), name
+        return original(*args, **kw)
+
+    tuner.optimizer.step = record_then_step
+    tuner.step(x, y, kwargs, training.autocast_for(tuner.cfg, x.device, x.dtype))
+    return seen[0]
+
+
+@pytest.mark.parametrize("train_norms", [False, True])
+def test_max_grad_norm_clips_the_update_and_keeps_pruned_gradients_zero(train_norms):
+    block, keep, x, y, kwargs = tiny_block()
+    free = BlockTuner(block, keep, TrainConfig(train_norms=train_norms), 0)
+    unclipped = gradient_norm_seen_by_the_optimizer(free, x, y, kwargs)
+
+    block, keep, x, y, kwargs = tiny_block()
+    limit = unclipped / 10
+    clipped_tuner = BlockTuner(block, keep, TrainConfig(max_grad_norm=limit,
+                                                        train_norms=train_norms), 0)
+    clipped = gradient_norm_seen_by_the_optimizer(clipped_tuner, x, y, kwargs)
+    assert unclipped > limit
+    assert clipped == pytest.approx(limit, rel=1e-4)
+
+
+def test_negative_max_grad_norm_is_refused():
+    with pytest.raises(training.UserError, match="--max-grad-norm"):
+        TrainConfig(max_grad_norm=-1.0).validate(16)
