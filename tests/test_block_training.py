@@ -63,3 +63,15 @@ def test_max_grad_norm_clips_the_update_and_keeps_pruned_gradients_zero(train_no
 def test_negative_max_grad_norm_is_refused():
     with pytest.raises(training.UserError, match="--max-grad-norm"):
         TrainConfig(max_grad_norm=-1.0).validate(16)
+
+
+@pytest.mark.parametrize("flags, lr, epochs", [
+    ([], 1e-3, 2),  # our default: 5x the paper's rate (bench/vs_authors.py)
+    (["--preset", "paper"], 2e-4, 10),  # the paper's own settings
+    (["--preset", "paper", "--lr", "5e-4"], 5e-4, 10),  # a flag given wins over the preset
+])
+def test_presets_set_the_learning_rate_and_flags_win(flags, lr, epochs):
+    from flows.cli import build_parser, run_config
+
+    cfg = run_config(build_parser().parse_args(["run", *flags]))
+    assert (cfg.train.lr, cfg.train.max_epochs, cfg.train.max_grad_norm) == (lr, epochs, 1.0)
