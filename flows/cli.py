@@ -264,7 +264,8 @@ def run_config(args: argparse.Namespace):
     train = TrainConfig(
         tune=args.tune, target=args.target, lr=args.lr, mask_lr=args.mask_lr,
         beta1=args.betas[0], beta2=args.betas[1], weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, batch_size=args.train_batch_size, max_epochs=args.epochs, tolerance=args.tolerance,
+        max_grad_norm=args.max_grad_norm, batch_size=args.train_batch_size,
+        max_epochs=args.epochs, tolerance=args.tolerance,
         holdout=args.holdout, autocast=args.autocast, seed=args.train_seed,
         train_norms=args.train_norms)
     evals = ZeroShotConfig(parse_tasks(args.tasks) if args.tasks else (),
