@@ -1,7 +1,5 @@
 """Dense pipeline: calibration → dense activation capture → Wikitext-2 perplexity."""
 
-from __future__ import annotations
-
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -11,7 +9,7 @@ from typing import NamedTuple
 import torch
 from prefect import flow, task
 
-from flows.caching import run_stage
+from flows.caching import cached_stage, read_result, run_stage
 from stages import architecture as arch
 from stages import calibration, capture, data, zeroshot
 from stages import perplexity as ppl
@@ -42,6 +40,7 @@ class DenseConfig:
 
 
 @task(name="calibration")
+@cached_stage("calibration")
 def calibration_task(spec: calibration.CalibrationSpec, store_root: str, model: ModelSource,
                      data_dir: str | None) -> dict:
     texts = data.c4_documents(data.data_dir(data_dir)).texts
@@ -49,6 +48,7 @@ def calibration_task(spec: calibration.CalibrationSpec, store_root: str, model: 
 
 
 @task(name="dense-capture")
+@cached_stage("activations")
 def capture_task(spec: capture.CaptureSpec, store_root: str, model: ModelSource,
                  calib: dict, device: str) -> dict:
     return capture.build(Store(store_root), spec, partial(load_model, model), Artifact(**calib),
@@ -56,6 +56,7 @@ def capture_task(spec: capture.CaptureSpec, store_root: str, model: ModelSource,
 
 
 @task(name="perplexity")
+@cached_stage("perplexity", read_result)
 def perplexity_task(spec: ppl.PerplexitySpec, store_root: str, model: ModelSource,
                     data_dir: str | None, device: str, masks: dict | None = None) -> dict:
     """Perplexity of a model folder, or of the dense model with a mask artifact applied."""
@@ -68,6 +69,7 @@ def perplexity_task(spec: ppl.PerplexitySpec, store_root: str, model: ModelSourc
 
 
 @task(name="zeroshot")
+@cached_stage("zeroshot", read_result)
 def zeroshot_task(spec: zeroshot.ZeroShotSpec, store_root: str, model: ModelSource,
                   data_dir: str | None, device: str, masks: dict | None = None) -> dict:
     """Zero-shot accuracies (lm-eval) of a model folder, or of the dense model with masks."""
@@ -136,15 +138,15 @@ def dense_stages(cfg: DenseConfig, inputs: Inputs) -> dict:
     calib_spec = calibration.CalibrationSpec(c4_digest, tokenizer_digest(model), cfg.nsamples,
                                              cfg.seqlen, cfg.seed)
     calib = timed("calibration", lambda: run_stage(
-        calibration_task, "calibration", store, calib_spec, model=model, data_dir=cfg.data_dir))
+        calibration_task, calib_spec, store, model=model, data_dir=cfg.data_dir))
     capture_spec = capture.CaptureSpec(model.digest, calib["key"], dtype, cfg.batch_size)
     activations = timed("dense-capture", lambda: run_stage(
-        capture_task, "activations", store, capture_spec, model=model, calib=calib,
+        capture_task, capture_spec, store, model=model, calib=calib,
         device=str(device)))
     ppl_spec = ppl.PerplexitySpec(model.digest, wiki_digest, cfg.eval_seqlen, cfg.eval_windows,
                                   dtype)
     dense_ppl = timed("perplexity", lambda: run_stage(
-        perplexity_task, "perplexity", store, ppl_spec, model=model, data_dir=cfg.data_dir,
+        perplexity_task, ppl_spec, store, model=model, data_dir=cfg.data_dir,
         device=str(device)))
     return {"calibration": calib, "activations": activations, "perplexity": dense_ppl,
             "perplexity_spec": ppl_spec, "states": states, "seconds": timings}

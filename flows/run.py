@@ -6,15 +6,13 @@ Thin on purpose: every step is a stage function from ``stages/`` wrapped in a ca
 collects a run report.
 """
 
-from __future__ import annotations
-
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
 from prefect import flow, task
 
-from flows.caching import run_stage
+from flows.caching import cached_stage, run_stage
 from flows.dense import (
     DenseConfig,
     Inputs,
@@ -27,6 +25,7 @@ from stages import assembly, data, ebft, lora, pruning, zeroshot
 from stages.block_training import TrainConfig
 from stages.devices import DTYPES, resolve_device
 from stages.errors import UserError
+from stages.lora import LoraSettings
 from stages.model_source import ModelSource, load_model
 from store import Artifact, Store, digest_json
 
@@ -62,7 +61,7 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: str = "ebft"  # "none": the pruned model as the mask stage left it; or "lora"
-    lora: lora.LoraSettings = field(default_factory=lora.LoraSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     form: str = "masked"  # the saved model: masked, or compact (structured masks: narrower)
     save_dtype: str = "auto"  # dtype of the saved model; auto: the compute dtype
     keep_boundaries: bool = False  # keep every block's outputs (debugging; costs disk)
@@ -75,6 +74,7 @@ class RunConfig:
 # ---- tasks: thin wrappers that rebuild what they need from paths and digests -------------
 
 @task(name="masks")
+@cached_stage("masks")
 def masks_task(spec: pruning.MaskSpec, store_root: str, model: ModelSource, activations: dict,
                device: str) -> dict:
     return pruning.build(Store(store_root), spec, partial(load_model, model),
@@ -82,6 +82,7 @@ def masks_task(spec: pruning.MaskSpec, store_root: str, model: ModelSource, acti
 
 
 @task(name="ebft-block", task_run_name="ebft-block-{spec.index}")
+@cached_stage("ebft-block")
 def block_task(spec: ebft.BlockSpec, store_root: str, model: ModelSource, activations: dict,
                masks: dict, device: str, chain: list, keep_boundaries: bool) -> dict:
     dtype = DTYPES[spec.dtype]
@@ -91,6 +92,7 @@ def block_task(spec: ebft.BlockSpec, store_root: str, model: ModelSource, activa
 
 
 @task(name="lora")
+@cached_stage("lora")
 def lora_task(spec: lora.LoraSpec, store_root: str, model: ModelSource, masks: dict,
               calib: dict, device: str) -> dict:
     return lora.build(Store(store_root), spec, partial(load_model, model), Artifact(**masks),
@@ -98,6 +100,7 @@ def lora_task(spec: lora.LoraSpec, store_root: str, model: ModelSource, masks: d
 
 
 @task(name="assembly")
+@cached_stage("models-sparse")
 def assembly_task(spec: assembly.AssemblySpec, store_root: str, model: ModelSource,
                   masks: dict, blocks: list[dict], pattern_spec: pruning.MaskSpec,
                   lora_artifact: dict | None = None) -> dict:
@@ -192,20 +195,20 @@ def run_flow(cfg: RunConfig) -> dict:
         spec = zeroshot.ZeroShotSpec(model_digest, zs_digest, cfg.zeroshot.tasks,
                                      cfg.zeroshot.limit, cfg.zeroshot.batch_size, dtype)
         return timed(f"zeroshot-{name}", lambda: run_stage(
-            zeroshot_task, "zeroshot", store, spec, model=source,
+            zeroshot_task, spec, store, model=source,
             data_dir=cfg.dense.data_dir, device=str(inputs.device), masks=masks))
 
     zs = {"dense": zero_shot("dense", model, model.digest)}
     activations = dense["activations"]
     mask_spec = mask_spec_for(cfg, model.digest, activations["key"], dtype)
     masks = timed("masks", lambda: run_stage(
-        masks_task, "masks", store, mask_spec, model=model, activations=activations,
+        masks_task, mask_spec, store, model=model, activations=activations,
         device=str(inputs.device)))
 
     pruned_spec = replace(dense["perplexity_spec"],
                           model_digest=digest_json([model.digest, masks["key"]]))
     pruned_ppl = timed("perplexity-pruned", lambda: run_stage(
-        perplexity_task, "perplexity", store, pruned_spec, model=model,
+        perplexity_task, pruned_spec, store, model=model,
         data_dir=cfg.dense.data_dir, device=str(inputs.device), masks=masks))
     zs["pruned"] = zero_shot("pruned", model, pruned_spec.model_digest, masks)
 
@@ -221,9 +224,9 @@ def run_flow(cfg: RunConfig) -> dict:
         t0 = time.monotonic()
         block_states = []
         for spec in specs:
-            state = run_stage(block_task, "ebft-block", store, spec, model=model,
-                              activations=activations, masks=masks, device=str(inputs.device),
-                              chain=specs, keep_boundaries=cfg.keep_boundaries)
+            state = run_stage(block_task, spec, store, model=model, activations=activations,
+                              masks=masks, device=str(inputs.device), chain=specs,
+                              keep_boundaries=cfg.keep_boundaries)
             block_states.append(state.name)
             blocks.append(state.result())
         timings["ebft"] = round(time.monotonic() - t0, 1)
@@ -238,7 +241,7 @@ def run_flow(cfg: RunConfig) -> dict:
         lora_spec = lora.LoraSpec(model.digest, masks["key"], dense["calibration"]["key"],
                                   cfg.lora, dtype)
         lora_artifact = timed("lora", lambda: run_stage(
-            lora_task, "lora", store, lora_spec, model=model, masks=masks,
+            lora_task, lora_spec, store, model=model, masks=masks,
             calib=dense["calibration"], device=str(inputs.device)))
         lora_record = lora.read_record(Artifact(**lora_artifact))
 
@@ -247,14 +250,14 @@ def run_flow(cfg: RunConfig) -> dict:
                                           lora_artifact["key"] if lora_artifact else None,
                                           cfg.form)
     final = timed("assembly", lambda: run_stage(
-        assembly_task, "models-sparse", store, assembly_spec, model=model, masks=masks,
+        assembly_task, assembly_spec, store, model=model, masks=masks,
         blocks=blocks, pattern_spec=mask_spec, lora_artifact=lora_artifact))
     tuned_ppl = None
     if cfg.finetune != "none":
         final_source = assembly.as_model_source(Artifact(**final), f"{model.name} {cfg.finetune}")
         ppl_spec = replace(dense["perplexity_spec"], model_digest=final["digest"])
         tuned_ppl = timed("perplexity-finetuned", lambda: run_stage(
-            perplexity_task, "perplexity", store, ppl_spec, model=final_source,
+            perplexity_task, ppl_spec, store, model=final_source,
             data_dir=cfg.dense.data_dir, device=str(inputs.device)))
         zs["finetuned"] = zero_shot("finetuned", final_source, final["digest"])
 

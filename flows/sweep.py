@@ -9,8 +9,6 @@ in progress instead of computing it again. The sweep then rebuilds the paper's t
 plots from the run reports and publishes them as Prefect artifacts.
 """
 
-from __future__ import annotations
-
 import itertools
 import json
 import time

@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from store.hashing import digest_path
+from store.locks import StageLock
 
 DIGEST_FILE = "DIGEST"
 PUBLISHED_LOG = "published.jsonl"
@@ -31,6 +33,19 @@ NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 class StoreFull(OSError):
     """The store's disk is full: said in one line, with the fix, and nothing left behind."""
+
+
+class StoreLocationError(ValueError):
+    """A --store value this store cannot open: said in one line, with the fix."""
+
+
+def check_location(location: str) -> None:
+    """Refuse URLs (``s3://…``): the store is a local (or mounted) folder for now, and a
+    URL taken as a folder name would silently write a local folder named ``s3:``."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(location)):
+        raise StoreLocationError(f"--store {location}: URL stores are not supported yet; pass "
+                                 "a folder path (a shared or mounted filesystem works across "
+                                 "machines)")
 
 
 @dataclass(frozen=True)
@@ -48,10 +63,15 @@ class Artifact:
 
 class Store:
     def __init__(self, root: str | os.PathLike) -> None:
+        check_location(str(root))
         self.root = Path(root).expanduser().resolve()
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key
+
+    def lock(self, kind: str, key: str) -> StageLock:
+        """The leased lock that makes concurrent runs compute this artifact once."""
+        return StageLock(self.root / "locks" / kind / f"{key}.lock", what=f"{kind}/{key[:16]}")
 
     def get(self, kind: str, key: str) -> Artifact | None:
         """The complete artifact under this key, or None (cheap: reads the stored digest)."""
@@ -100,6 +120,8 @@ class Store:
                     shutil.rmtree(final)
                 os.replace(tmp, final)
                 self._log_published(kind, key)
+            else:  # computed twice: the audit trail says so (concurrency tests read this)
+                self._log_published(kind, key, kept=False)
         except OSError as err:
             if err.errno not in NO_SPACE:
                 raise
@@ -110,14 +132,14 @@ class Store:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _log_published(self, kind: str, key: str) -> None:
+    def _log_published(self, kind: str, key: str, kept: bool = True) -> None:
         """One JSON line per published artifact (what was computed, when, by which process).
 
         Appends of one short line are atomic on local POSIX files, so concurrent runs can
         share the log; it is an audit trail, never read by the pipeline.
         """
         line = json.dumps({"kind": kind, "key": key, "time": time.time(), "pid": os.getpid(),
-                           "host": socket.gethostname()})
+                           "host": socket.gethostname(), "kept": kept})
         with open(self.root / PUBLISHED_LOG, "a") as f:
             f.write(line + "\n")
 
