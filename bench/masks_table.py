@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from flows.cli import prefect_env
 
-    prefect_env(args.store)  # results in the store; no telemetry on offline machines
+    prefect_env()  # no telemetry on offline machines
     from flows.run import prepare, run_flow
 
     rows, dense = [], None

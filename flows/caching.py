@@ -28,6 +28,7 @@ from prefect.states import Completed, State
 from store import Artifact, Store
 
 logger = logging.getLogger("ebft")
+FINISHED: list[str] = []  # kinds of the stages this process finished (for an interrupted run)
 Reader = Callable[[Artifact], Any]
 
 
@@ -59,7 +60,10 @@ def cached_stage(kind: str, read: Reader = as_dict):
                 with store.lock(kind, key):
                     found = store.checked(kind, key)  # published while we waited?
                     if found is None:
-                        return Completed(data=fn(spec, store_root, **kwargs))
+                        result = fn(spec, store_root, **kwargs)
+                        FINISHED.append(kind)
+                        return Completed(data=result)
+            FINISHED.append(kind)
             return Completed(name="Cached", data=read(found))
         return body
     return decorate

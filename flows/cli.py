@@ -8,11 +8,11 @@ import sys
 import time
 
 from stages.errors import UserError
-from store import StoreFull
+from store import StoreFull, StoreLocationError
 
 
-def _positive_or_none(value: str) -> int | None:
-    return None if value in ("all", "0") else int(value)
+def _count_or_all(value: str) -> int | None:
+    return None if value == "all" else int(value)
 
 
 # The default run is sized to finish in about 15 minutes on a 2-core CPU; "paper" is the
@@ -38,7 +38,7 @@ def add_dense_flags(dense: argparse.ArgumentParser) -> None:
     dense.add_argument("--seqlen", type=int, default=1024, help="calibration window length")
     dense.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     dense.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window")
-    dense.add_argument("--eval-windows", type=_positive_or_none, default=None,
+    dense.add_argument("--eval-windows", type=_count_or_all, default=None,
                        help="evaluate only the first N windows (quick estimate); default all")
     dense.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     dense.add_argument("--dtype", default="auto",
@@ -126,21 +126,21 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ebft", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ebft", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    dense = sub.add_parser("dense", help="calibrate, capture dense activations, perplexity")
+    dense = sub.add_parser("dense", allow_abbrev=False, help="calibrate, capture dense activations, perplexity")
     add_dense_flags(dense)
-    run = sub.add_parser("run", help="the whole pipeline: prune, fine-tune, assemble, evaluate")
+    run = sub.add_parser("run", allow_abbrev=False, help="the whole pipeline: prune, fine-tune, assemble, evaluate")
     add_dense_flags(run)
     add_run_flags(run)
     # Taken from the preset. Not a string, so argparse does not run it through the flag's type.
     run.set_defaults(nsamples=None, eval_windows=FROM_PRESET)
-    sweep = sub.add_parser("sweep", help="a grid of configurations sharing cached stages")
+    sweep = sub.add_parser("sweep", allow_abbrev=False, help="a grid of configurations sharing cached stages")
     add_dense_flags(sweep)
     add_run_flags(sweep)
     add_sweep_flags(sweep)
     sweep.set_defaults(nsamples=None, eval_windows=FROM_PRESET)
-    report = sub.add_parser("report", help="rebuild a sweep's tables from stored run reports")
+    report = sub.add_parser("report", allow_abbrev=False, help="rebuild a sweep's tables from stored run reports")
     report.add_argument("--store", default=os.environ.get("EBFT_STORE", ".ebft-store"))
     report.add_argument("--sweep", default=None,
                         help="a sweep key (sweeps/<key>/); default: every run report in the store")
@@ -166,34 +166,48 @@ def add_sweep_flags(sweep: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.given = given_flags(argv)
     try:
-        if args.command == "dense":
-            return _dense(args)
-        if args.command == "run":
-            return _run(args)
-        if args.command == "sweep":
-            return _sweep(args)
         if args.command == "report":
             return _report(args)
+        prefect_env()
+        return {"dense": _dense, "run": _run, "sweep": _sweep}[args.command](args)
     except UserError as err:
         print(f"ebft: error: {err}", file=sys.stderr)
         return 2
     except StoreFull as err:
         print(f"ebft: error: {err.strerror}", file=sys.stderr)
         return 2
-    return 1
+    except StoreLocationError as err:
+        print(f"ebft: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nebft: interrupted. {_finished_so_far()} Run the same command again to resume "
+              "from there.", file=sys.stderr)
+        return 130
 
 
-def prefect_env(store: str) -> None:
-    """Cached task results live in the store, so a shared store shares its cache."""
-    store_root = os.path.abspath(store)
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", os.path.join(store_root, "prefect",
-                                                                      "results"))
+def _finished_so_far() -> str:
+    """What an interrupted run leaves in the store, in one sentence."""
+    from flows.caching import FINISHED
+
+    if not FINISHED:
+        return "No stage had finished."
+    counts: dict[str, int] = {}
+    for kind in FINISHED:
+        counts[kind] = counts.get(kind, 0) + 1
+    done = ", ".join(k if n == 1 else f"{n} {k}" for k, n in counts.items())
+    return f"Finished stages are kept in the store: {done}."
+
+
+def prefect_env() -> None:
+    """Settings Prefect reads when it is first imported."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # keep the log readable
-    # The first start of the ephemeral server migrates its SQLite database; on a busy
-    # 2-core machine that can outlast Prefect's 20 s default and fail the whole run.
+    # The first start of a local server migrates its SQLite database; on a busy 2-core
+    # machine that can outlast Prefect's 20 s default.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
@@ -220,13 +234,14 @@ def _finish(state) -> dict | None:
 
 
 def _dense(args: argparse.Namespace) -> int:
-    prefect_env(args.store)
     from flows.dense import dense_flow, prepare
+    from flows.server import prefect_api
 
     cfg = _dense_config(args)
     start = time.monotonic()
     prepare(cfg)  # bad input fails here, in one line, before Prefect starts
-    result = _finish(dense_flow(cfg, return_state=True))
+    with prefect_api():
+        result = _finish(dense_flow(cfg, return_state=True))
     if result is None:
         return 1
     ppl = result["perplexity"]
@@ -240,6 +255,53 @@ def _dense(args: argparse.Namespace) -> int:
           f"{ppl['windows_total']} windows of {ppl['seqlen']} tokens")
     print(f"wall time    {time.monotonic() - start:.1f}s")
     return 0
+
+
+EBFT_FLAGS = ("--tune", "--target", "--lr", "--mask-lr", "--betas", "--weight-decay",
+              "--max-grad-norm", "--train-batch-size", "--epochs", "--tolerance", "--holdout",
+              "--autocast", "--train-seed", "--train-norms")
+LORA_FLAGS = ("--lora-rank", "--lora-alpha", "--lora-dropout", "--lora-lr", "--lora-epochs",
+              "--lora-batch-size")
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The long options written on the command line (abbreviations are off)."""
+    return {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+
+
+def refuse_ignored_flags(args: argparse.Namespace, given: set[str]) -> None:
+    """A flag the configuration would silently ignore is an error naming it."""
+    def refuse(flags, why: str) -> None:
+        ignored = sorted(given & set(flags))
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} would be ignored: {why}; drop "
+                            f"{'it' if len(ignored) == 1 else 'them'}")
+
+    if {"--pattern", "--sparsity"} <= given:
+        raise UserError("--pattern and --sparsity both set the sparsity (N:M prunes N/M); "
+                        "give one of them")
+    if args.finetune == "none":
+        refuse(EBFT_FLAGS + LORA_FLAGS, "--finetune none trains nothing")
+    elif args.finetune == "lora":
+        refuse(EBFT_FLAGS, "they set EBFT, and --finetune lora trains LoRA adapters")
+    else:
+        refuse(LORA_FLAGS, "they set the LoRA baseline (--finetune lora)")
+        if args.tune == "mask":
+            refuse(("--lr", "--weight-decay", "--train-norms"),
+                   "--tune mask trains scores at --mask-lr, the weights stay frozen")
+        else:
+            refuse(("--mask-lr",), "it is the score learning rate of --tune mask")
+    base, _, refine = args.method.partition("+")
+    if base != "sparsegpt":
+        refuse(("--blocksize", "--percdamp"), f"they are SparseGPT's, not {base}'s")
+    if refine != "dsnot":
+        refuse(("--dsnot-cycles", "--dsnot-threshold", "--dsnot-var-power"),
+               f"they are DSnoT's, and --method {args.method} has no +dsnot")
+    if base != "flap":
+        refuse(("--flap-structure", "--flap-bias"),
+               f"they are FLAP's, and --method is {args.method}")
+    else:
+        refuse(("--mask-inputs",), "FLAP scores every block on the dense capture")
 
 
 def run_config(args: argparse.Namespace):
@@ -278,9 +340,10 @@ def run_config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    prefect_env(args.store)
     from flows.run import prepare, run_flow
+    from flows.server import prefect_api
 
+    refuse_ignored_flags(args, args.given)
     cfg = run_config(args)
     prepare(cfg)  # bad input fails here, in one line, before Prefect starts
     print(f"ebft run: preset {args.preset}: {cfg.dense.nsamples} calibration windows of "
@@ -288,7 +351,8 @@ def _run(args: argparse.Namespace) -> int:
           f"{cfg.train.lr:g}, "
           f"perplexity on {cfg.dense.eval_windows or 'all'} windows of {cfg.dense.eval_seqlen}",
           flush=True)
-    report = _finish(run_flow(cfg, return_state=True))
+    with prefect_api():
+        report = _finish(run_flow(cfg, return_state=True))
     if report is None:
         return 1
     print_summary(report)
@@ -300,7 +364,7 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    prefect_env(args.store)
+    from flows.server import prefect_api
     from flows.sweep import SweepConfig, check, sweep_flow
 
     try:
@@ -312,7 +376,8 @@ def _sweep(args: argparse.Namespace) -> int:
                         args.task_runner, args.address)
     configs = check(sweep)  # bad input fails here, in one line, before Prefect starts
     print(f"ebft sweep: {len(configs)} configurations, preset {args.preset}", flush=True)
-    result = _finish(sweep_flow(sweep, return_state=True))
+    with prefect_api():
+        result = _finish(sweep_flow(sweep, return_state=True))
     if result is None:
         return 1
     print("\n" + result["markdown"])
@@ -358,7 +423,8 @@ def print_summary(report: dict) -> None:
     dense, sparse = report["perplexity"]["dense"], report["perplexity"]["finetuned"]
     cfg, masks = report["config"], report["mask_report"]
     label = f"{cfg['prune']['method']} {masks['pattern']}"
-    tuned = "" if cfg["finetune"] == "none" else f" + EBFT ({cfg['train']['tune']})"
+    tuned = {"none": "", "lora": " + LoRA",
+             "ebft": f" + EBFT ({cfg['train']['tune']})"}[cfg["finetune"]]
     print(f"\nmodel        {report['model']['name']} on {report['device']} / {report['dtype']}")
     for stage, name in report["states"].items():
         print(f"stage        {stage:<20} {name:<20} {report['seconds'].get(stage, 0):>8.1f}s")

@@ -1,7 +1,8 @@
 """Dense pipeline: calibration → dense activation capture → Wikitext-2 perplexity."""
 
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -10,10 +11,10 @@ import torch
 from prefect import flow, task
 
 from flows.caching import cached_stage, read_result, run_stage
-from stages import architecture as arch
-from stages import calibration, capture, data, zeroshot
+from stages import calibration, capture, checks, data, zeroshot
 from stages import perplexity as ppl
 from stages.devices import resolve_device, resolve_dtype
+from stages.errors import UserError
 from stages.model_source import (
     ModelSource,
     load_model,
@@ -24,10 +25,16 @@ from stages.model_source import (
 from store import Artifact, Store
 
 
+def default_store() -> str:
+    """EBFT_STORE, else ./.ebft-store; read when a config is made, so a deployment's run uses
+    the store of the worker that runs it."""
+    return os.environ.get("EBFT_STORE", ".ebft-store")
+
+
 @dataclass(frozen=True)
 class DenseConfig:
     model: str = "smollm2-135m"
-    store: str = ".ebft-store"
+    store: str = field(default_factory=default_store)
     data_dir: str | None = None
     nsamples: int = 256
     seqlen: int = 1024
@@ -97,17 +104,77 @@ class Inputs(NamedTuple):
 
 
 def prepare_dense(cfg: DenseConfig) -> Inputs:
-    """Resolve and check every input; raises UserError before any stage runs."""
+    """Resolve and check every input, cheapest first; raises a one-line UserError before
+    any stage runs, and writes nothing but the default model's one-time conversion."""
+    check_dense_flags(cfg)
     store = Store(cfg.store)
     directory = data.data_dir(cfg.data_dir)
+    c4, wiki = data.c4_documents(directory), data.wikitext2_test(directory)
     device = resolve_device(cfg.device)
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
-    model = resolve_model(cfg.model, store)
-    context = load_model_config(model).get("max_position_embeddings")
+    context = declared_context(cfg.model)  # before the default model is converted
     calibration.validate(cfg.nsamples, cfg.seqlen, context)
     calibration.validate(1, cfg.eval_seqlen, context, "--eval-seqlen")
-    arch.decoder_blocks(meta_model(model))  # a model without decoder blocks fails here
+    model = resolve_model(cfg.model, store)
+    config = checks.model_config(Path(model.path))
+    context = config.get("max_position_embeddings")
+    calibration.validate(cfg.nsamples, cfg.seqlen, context)
+    calibration.validate(1, cfg.eval_seqlen, context, "--eval-seqlen")
+    meta = meta_model(model)
+    checks.check_blocks(meta)
+    tokenizer = load_tokenizer(model)
+    if ppl.window_count(wiki, tokenizer, cfg.eval_seqlen) < 1:
+        raise UserError(f"{wiki.source} has fewer than --eval-seqlen {cfg.eval_seqlen} tokens: "
+                        "not one perplexity window; lower --eval-seqlen or restore the file")
+    calib_spec = calibration.CalibrationSpec(c4.digest, tokenizer_digest(model), cfg.nsamples,
+                                             cfg.seqlen, cfg.seed)
+    if store.get("calibration", calib_spec.key()) is None:
+        calibration.check_corpus(c4.texts, tokenizer, cfg.seqlen)
+    capture_spec = capture.CaptureSpec(model.digest, calib_spec.key(), dtype, cfg.batch_size)
+    check_resources(cfg, store, meta, dtype,
+                    capture_stored=store.get("activations", capture_spec.key()) is not None)
     return Inputs(store, directory, device, dtype, model)
+
+
+def check_dense_flags(cfg: DenseConfig) -> None:
+    """The numbers and the store's location: checks that need nothing loaded."""
+    for flag, value in (("--batch-size", cfg.batch_size), ("--eval-windows", cfg.eval_windows)):
+        checks.positive(flag, value)
+    checks.positive("--seed", cfg.seed, allow_zero=True)
+    calibration.validate(cfg.nsamples, cfg.seqlen, None)
+    calibration.validate(1, cfg.eval_seqlen, None, "--eval-seqlen")
+    checks.store_location(Path(cfg.store).expanduser())
+
+
+def declared_context(name: str) -> int | None:
+    """The context length a model declares, read without converting or loading it."""
+    from stages.model_source import DEFAULT_MODEL, default_gguf
+
+    if name == DEFAULT_MODEL:
+        gguf = default_gguf()
+        meta = checks.gguf_metadata(gguf, {"general.architecture"})
+        arch_name = meta.get("general.architecture", "llama")
+        return checks.gguf_metadata(gguf, {f"{arch_name}.context_length"}).get(
+            f"{arch_name}.context_length")
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        return checks.model_config(folder).get("max_position_embeddings")
+    return None  # a hub id: checked once it is fetched
+
+
+def check_resources(cfg: DenseConfig, store: Store, meta, dtype: str,
+                    capture_stored: bool) -> None:
+    """Disk for the capture (unless stored), boundaries, masks and the saved model; memory
+    for the model, the calibration tokens and a batch of activations."""
+    config = meta.config
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    window = cfg.nsamples * cfg.seqlen * hidden * 2  # one boundary, 16-bit
+    params = sum(p.numel() for p in meta.parameters())
+    weight_bytes = params * (4 if dtype == "float32" else 2)
+    disk = (0 if capture_stored else (layers + 1) * window) + 4 * window + 2 * weight_bytes
+    memory = weight_bytes + cfg.nsamples * cfg.seqlen * 8 + \
+        8 * cfg.batch_size * cfg.seqlen * max(hidden, config.intermediate_size) * 4
+    checks.resources(store.root, disk, memory)
 
 
 def meta_model(model: ModelSource):
@@ -124,6 +191,7 @@ prepare = prepare_dense
 def dense_stages(cfg: DenseConfig, inputs: Inputs) -> dict:
     """The stages every configuration of one model and calibration set shares."""
     store, directory, device, dtype, model = inputs
+    store.remove_abandoned()  # half-written artifacts of killed runs
     timings: dict[str, float] = {}
     states: dict[str, str] = {}
 

@@ -16,6 +16,7 @@ from flows.caching import cached_stage, run_stage
 from flows.dense import (
     DenseConfig,
     Inputs,
+    check_dense_flags,
     dense_stages,
     perplexity_task,
     prepare_dense,
@@ -112,7 +113,10 @@ def assembly_task(spec: assembly.AssemblySpec, store_root: str, model: ModelSour
 # ---- checking the configuration before anything runs --------------------------------------
 
 def prepare(cfg: RunConfig) -> Inputs:
-    """Resolve and check every input; raises a one-line UserError before any stage runs."""
+    """Resolve and check every input; raises a one-line UserError before any stage runs.
+    The flags first (cheap, and so that a bad flag is named, not what it breaks), then the
+    model, data and resources (prepare_dense), then what needs the model's shapes."""
+    check_dense_flags(cfg.dense)
     if cfg.finetune not in FINETUNES:
         raise UserError(f"--finetune {cfg.finetune!r}: choose one of {', '.join(FINETUNES)}")
     if cfg.save_dtype not in ("auto", *DTYPES):
@@ -134,6 +138,12 @@ def prepare(cfg: RunConfig) -> Inputs:
     if cfg.zeroshot.batch_size <= 0:
         raise UserError(f"--zeroshot-batch-size {cfg.zeroshot.batch_size}: must be positive")
     zeroshot.parse_tasks(",".join(cfg.zeroshot.tasks) or "all")
+    if cfg.zeroshot.tasks:
+        present, skipped = zeroshot.available(cfg.zeroshot.tasks,
+                                              data.data_dir(cfg.dense.data_dir))
+        if not present:
+            raise UserError(f"--tasks {','.join(cfg.zeroshot.tasks)}: no data for any of them ("
+                            f"{'; '.join(skipped.values())})")
     inputs = prepare_dense(cfg.dense)
     pattern = mask_spec.parsed_pattern()
     if pattern.is_nm:

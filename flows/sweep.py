@@ -90,15 +90,15 @@ def task_runner_for(sweep: SweepConfig):
         try:
             from prefect_dask import DaskTaskRunner
         except ImportError:
-            raise UserError("--task-runner dask needs prefect-dask: pip install prefect-dask") \
-                from None
+            raise UserError("--task-runner dask needs prefect-dask: "
+                            "pip install -e '.[cluster]'") from None
         return DaskTaskRunner(address=sweep.address) if sweep.address else DaskTaskRunner()
     if sweep.task_runner == "ray":
         try:
             from prefect_ray import RayTaskRunner
         except ImportError:
-            raise UserError("--task-runner ray needs prefect-ray: pip install prefect-ray") \
-                from None
+            raise UserError("--task-runner ray needs prefect-ray: "
+                            "pip install -e '.[cluster]'") from None
         return RayTaskRunner(address=sweep.address) if sweep.address else RayTaskRunner()
     raise UserError(f"--task-runner {sweep.task_runner!r}: choose threads, dask or ray")
 

@@ -67,6 +67,7 @@ class TrainConfig:
             (self.batch_size > 0, f"--train-batch-size {self.batch_size}: must be positive"),
             (self.max_epochs > 0, f"--epochs {self.max_epochs}: must be positive"),
             (self.tolerance >= 0, "--tolerance must be >= 0"),
+            (self.seed >= 0, f"--train-seed {self.seed}: must be >= 0"),
             (0 <= self.holdout < 1, f"--holdout {self.holdout}: must be in [0, 1)"),
             (self.autocast in ("auto", "bfloat16", "none"),
              f"--autocast {self.autocast!r}: choose auto, bfloat16 or none"),

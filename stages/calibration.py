@@ -43,6 +43,14 @@ def validate(nsamples: int, seqlen: int, max_context: int | None,
                         f"tokens; choose {seqlen_flag} <= {max_context}")
 
 
+def check_corpus(texts: list[str], tokenizer, seqlen: int) -> None:
+    """At least one document longer than ``seqlen`` tokens (checked before any stage)."""
+    longest = max((len(ids) for ids in tokenizer(texts)["input_ids"]), default=0)
+    if longest <= seqlen:
+        raise UserError(f"no calibration document is longer than --seqlen {seqlen} tokens "
+                        f"(longest: {longest}); lower --seqlen or provide longer documents")
+
+
 def sample_windows(token_lists: list[list[int]], nsamples: int, seqlen: int,
                    seed: int) -> torch.Tensor:
     """(nsamples, seqlen) int64 windows drawn from documents longer than seqlen."""

@@ -7,6 +7,7 @@ Local layout (see the data directory's SOURCES.md):
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -50,7 +51,9 @@ def wikitext2_test(directory: Path | None) -> Corpus:
         path = directory / "wikitext-2-raw-v1" / "wiki.test.raw"
         if not path.is_file():
             raise UserError(f"{path} is missing; {_FIX}")
-        rows = wikitext_rows(path.read_text(encoding="utf-8"))
+        from stages.checks import text_file
+
+        rows = wikitext_rows(text_file(path, "the Wikitext-2 test split"))
         source = str(path)
     else:
         rows = _from_hub(lambda ds: ds.load_dataset("wikitext", "wikitext-2-raw-v1",
@@ -67,16 +70,36 @@ def c4_documents(directory: Path | None) -> Corpus:
                         *(directory / "c4").rglob("*.jsonl.gz")])
         if not files:
             raise UserError(f"no C4 files (*.json.gz) under {directory / 'c4'}; {_FIX}")
-        texts = []
-        for f in files:
-            with gzip.open(f, "rt", encoding="utf-8") as lines:
-                texts += [json.loads(line)["text"] for line in lines if line.strip()]
-        digest = digest_bytes("".join(digest_path(f) for f in files).encode())
-        return Corpus(texts, digest, ", ".join(str(f) for f in files))
+        return _local_c4(tuple((f, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
     shard = "en/c4-train.00000-of-01024.json.gz"
     texts = _from_hub(lambda ds: ds.load_dataset("allenai/c4", data_files={"train": shard},
                                                  split="train")["text"], "allenai/c4")
     return Corpus(texts, digest_bytes("\n".join(texts).encode()), f"hub:allenai/c4/{shard}")
+
+
+@functools.lru_cache(maxsize=4)
+def _local_c4(files: tuple[tuple[Path, int, int], ...]) -> Corpus:
+    """Every document of the local C4 files (read once per process and file version); a
+    damaged file is a one-line error naming it and the line."""
+    texts = []
+    for f, _size, _mtime in files:
+        line_no = 0
+        try:
+            with gzip.open(f, "rt", encoding="utf-8") as lines:
+                for line_no, line in enumerate(lines, 1):
+                    if line.strip():
+                        texts.append(json.loads(line)["text"])
+        except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:
+            raise UserError(f"C4 file {f} is damaged at line {line_no + 1} "
+                            f"({type(err).__name__}: {err}); replace or remove it") from err
+        except (KeyError, TypeError) as err:
+            raise UserError(f"C4 file {f} line {line_no}: not a JSON object with a \"text\" "
+                            "field; replace or remove the file") from err
+    if not texts:
+        raise UserError(f"the C4 files ({', '.join(str(f) for f, *_ in files)}) hold no "
+                        f"documents; {_FIX}")
+    digest = digest_bytes("".join(digest_path(f) for f, *_ in files).encode())
+    return Corpus(texts, digest, ", ".join(str(f) for f, *_ in files))
 
 
 def _from_hub(load, name: str) -> list[str]:

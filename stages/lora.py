@@ -43,6 +43,7 @@ class LoraSettings:
     def validate(self) -> None:
         checks = [(self.rank > 0, f"--lora-rank {self.rank}: must be positive"),
                   (self.lr > 0, f"--lora-lr {self.lr}: must be positive"),
+                  (self.alpha > 0, f"--lora-alpha {self.alpha}: must be positive"),
                   (self.epochs > 0, f"--lora-epochs {self.epochs}: must be positive"),
                   (self.batch_size > 0, f"--lora-batch-size {self.batch_size}: must be positive"),
                   (0 <= self.dropout < 1, f"--lora-dropout {self.dropout}: must be in [0, 1)")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,10 +62,17 @@ def model_digest(folder: Path, store: Store) -> str:
     return digest_bytes("\n".join(parts).encode())
 
 
-def _cached_file_digest(path: Path, store: Store) -> str:
+def digest_memo_dir() -> Path:
+    """Where file digests are remembered: a per-machine cache (they are keyed by this
+    machine's paths), never the store, which bad input must leave untouched."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()
+    return Path(cache) / "ebft" / "file-digests"
+
+
+def _cached_file_digest(path: Path, store: Store | None = None) -> str:
     stat = path.stat()
     stamp = digest_bytes(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    memo = store.root / "file-digests" / f"{stamp}.txt"
+    memo = digest_memo_dir() / f"{stamp}.txt"
     if memo.is_file():
         return memo.read_text().strip()
     digest = digest_file(path)
@@ -107,7 +115,7 @@ def _converted_default(store: Store) -> Path:
     """Convert the GGUF once into a plain safetensors folder kept in the store."""
     gguf = default_gguf()
     key = _cached_file_digest(gguf, store)[:32]
-    found = store.get("models", key)
+    found = store.checked("models", key)  # a corrupted conversion is deleted and redone
     if found:
         return Path(found.path)
     from transformers import AutoModelForCausalLM, AutoTokenizer

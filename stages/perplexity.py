@@ -32,6 +32,17 @@ class PerplexitySpec:
         return digest_json({**asdict(self), "code": code_version(me)})[:32]
 
 
+_TOKEN_COUNTS: dict[tuple[str, str], int] = {}  # (corpus digest, tokenizer) -> tokens
+
+
+def window_count(corpus, tokenizer, seqlen: int) -> int:
+    """How many windows of ``seqlen`` tokens the corpus holds (tokenized once per process)."""
+    key = (corpus.digest, tokenizer.name_or_path)
+    if key not in _TOKEN_COUNTS:
+        _TOKEN_COUNTS[key] = len(tokenizer(corpus.texts[0])["input_ids"])
+    return _TOKEN_COUNTS[key] // seqlen
+
+
 def token_windows(ids: torch.Tensor, seqlen: int, limit: int | None = None) -> torch.Tensor:
     total = ids.numel() // seqlen
     count = total if limit is None else min(limit, total)

@@ -101,6 +101,18 @@ def validate(spec: MaskSpec) -> None:
     if spec.structured and spec.pattern:
         raise UserError(f"--method {spec.method} removes whole heads and channels: give "
                         f"--sparsity (the fraction of block weights), not --pattern")
+    checks = [(spec.blocksize >= 1, f"--blocksize {spec.blocksize}: must be at least 1"),
+              (0 < spec.percdamp <= 1,
+               (f"--percdamp {spec.percdamp}: must be in (0, 1], a fraction of the mean Hessian "
+               f"diagonal (SparseGPT uses 0.01)")),
+              (spec.dsnot_cycles >= 0, f"--dsnot-cycles {spec.dsnot_cycles}: must be >= 0"),
+              (spec.dsnot_threshold >= 0,
+               f"--dsnot-threshold {spec.dsnot_threshold}: must be >= 0"),
+              (spec.dsnot_var_power >= 0,
+               f"--dsnot-var-power {spec.dsnot_var_power}: must be >= 0")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
     if spec.flap_structure not in STRUCTURES:
         raise UserError(f"--flap-structure {spec.flap_structure!r}: choose "
                         f"{' or '.join(STRUCTURES)}")

@@ -23,12 +23,30 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from store.hashing import digest_path
-from store.locks import StageLock
+from store.locks import StageLock, process_alive, process_start
 
-DIGEST_FILE = "DIGEST"
+DIGEST_FILE, STAMP_FILE = "DIGEST", "STAMP"
+TMP_PREFIX, OWNER_SUFFIX = ".tmp-", ".owner"
 PUBLISHED_LOG = "published.jsonl"
 logger = logging.getLogger(__name__)
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def stamps(folder: Path) -> str:
+    """(name, size, mtime, inode) of every file the digest covers, as one JSON text."""
+    rows = []
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = f.relative_to(folder).as_posix()
+        if rel not in (DIGEST_FILE, STAMP_FILE):
+            st = f.stat()
+            rows.append([rel, st.st_size, st.st_mtime_ns, st.st_ino])
+    return json.dumps(rows)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class StoreFull(OSError):
@@ -81,16 +99,30 @@ class Store:
             return None
         return Artifact(kind, key, str(folder), digest_file.read_text().strip())
 
-    def verify(self, artifact: Artifact) -> bool:
-        """Recompute the digest of the files and compare with the stored one."""
-        return digest_path(Path(artifact.path)) == artifact.digest
+    def verify(self, artifact: Artifact, full: bool = False) -> bool:
+        """Whether the artifact's files still match its digest.
+
+        Cheap by default: the files' stamps (size, mtime, inode) are compared with those
+        recorded when the digest was last confirmed, and the files are hashed again only
+        when a stamp differs (any write changes the mtime). ``full`` always re-hashes
+        (``ebft verify``).
+        """
+        folder = Path(artifact.path)
+        stamp_file = folder / STAMP_FILE
+        now = stamps(folder)
+        if not full and stamp_file.is_file() and stamp_file.read_text() == now:
+            return True
+        if digest_path(folder) != artifact.digest:
+            return False
+        with contextlib.suppress(OSError):  # a read-only store stays verifiable
+            _write_atomically(stamp_file, now)
+        return True
 
     def checked(self, kind: str, key: str) -> Artifact | None:
         """The artifact under this key if its files still match its digest, else None.
 
         A corrupted artifact (a truncated chunk, flipped bytes, a missing file) is deleted,
-        so the stage that made it recomputes it: it is never silently used. Costs one read
-        of the artifact's files (about a second per GB).
+        so the stage that made it recomputes it: it is never silently used.
         """
         found = self.get(kind, key)
         if found is None or self.verify(found):
@@ -99,6 +131,13 @@ class Store:
                        kind, key)
         self.delete(kind, key)
         return None
+
+    def artifacts(self) -> Iterator[Artifact]:
+        """Every complete artifact in the store."""
+        for digest_file in sorted(self.root.glob(f"*/*/{DIGEST_FILE}")):
+            found = self.get(digest_file.parent.parent.name, digest_file.parent.name)
+            if found is not None:
+                yield found
 
     @contextlib.contextmanager
     def writing(self, kind: str, key: str, replace: bool = False) -> Iterator[Path]:
@@ -110,11 +149,15 @@ class Store:
         """
         final = self.path(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / f"{TMP_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
+        owner = tmp.with_name(tmp.name + OWNER_SUFFIX)  # who writes it, for remove_abandoned
+        owner.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                     "started": process_start(os.getpid())}))
         tmp.mkdir()
         try:
             yield tmp
             (tmp / DIGEST_FILE).write_text(digest_path(tmp) + "\n")
+            (tmp / STAMP_FILE).write_text(stamps(tmp))  # a rename keeps sizes, mtimes, inodes
             if replace or self.get(kind, key) is None:  # else keep what was published meanwhile
                 if final.exists():  # an incomplete leftover, or the document being replaced
                     shutil.rmtree(final)
@@ -131,6 +174,31 @@ class Store:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+            owner.unlink(missing_ok=True)
+
+    def remove_abandoned(self) -> list[Path]:
+        """Remove the temporary folders of writers that are gone (a killed run's half-written
+        artifact: GBs for a capture at 7B). Only folders whose writer ran on this host and no
+        longer exists, and folders of interrupted deletions; returns what was removed."""
+        removed = []
+        for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
+            if tmp.name.endswith(OWNER_SUFFIX) or not tmp.is_dir():
+                continue
+            owner_file = tmp.with_name(tmp.name + OWNER_SUFFIX)
+            if not tmp.name.startswith(f"{TMP_PREFIX}deleting-"):
+                try:
+                    owner = json.loads(owner_file.read_text())
+                except (OSError, ValueError):
+                    continue  # no note: unknown writer, left alone
+                if owner.get("host") != socket.gethostname() or \
+                        process_alive(int(owner["pid"]), owner.get("started")):
+                    continue
+            shutil.rmtree(tmp, ignore_errors=True)
+            owner_file.unlink(missing_ok=True)
+            removed.append(tmp)
+        if removed:
+            logger.info("removed %d temporary folders of runs that are gone", len(removed))
+        return removed
 
     def _log_published(self, kind: str, key: str, kept: bool = True) -> None:
         """One JSON line per published artifact (what was computed, when, by which process).
@@ -152,7 +220,7 @@ class Store:
         """Remove an artifact: renamed away first, so it is never seen half-deleted."""
         final = self.path(kind, key)
         if final.exists():
-            doomed = final.parent / f".tmp-deleting-{key}-{uuid.uuid4().hex[:8]}"
+            doomed = final.parent / f"{TMP_PREFIX}deleting-{key}-{uuid.uuid4().hex[:8]}"
             os.replace(final, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
 

@@ -24,7 +24,7 @@ def digest_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def digest_path(path: Path, skip: tuple[str, ...] = ("DIGEST",)) -> str:
+def digest_path(path: Path, skip: tuple[str, ...] = ("DIGEST", "STAMP")) -> str:
     """Digest of a file, or of a folder's files (relative names and contents, sorted)."""
     path = Path(path)
     if path.is_file():
