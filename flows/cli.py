@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(sweep)
     add_sweep_flags(sweep)
     sweep.set_defaults(nsamples=None, eval_windows=FROM_PRESET)
+    verify = sub.add_parser("verify", allow_abbrev=False,
+                            help="re-hash every artifact in the store against its digest")
+    verify.add_argument("--store", default=os.environ.get("EBFT_STORE", ".ebft-store"))
     report = sub.add_parser("report", allow_abbrev=False, help="rebuild a sweep's tables from stored run reports")
     report.add_argument("--store", default=os.environ.get("EBFT_STORE", ".ebft-store"))
     report.add_argument("--sweep", default=None,
@@ -172,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "report":
             return _report(args)
+        if args.command == "verify":
+            return _verify(args)
         prefect_env()
         return {"dense": _dense, "run": _run, "sweep": _sweep}[args.command](args)
     except UserError as err:
@@ -385,6 +390,24 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"wall time    {result['wall_seconds']:.1f}s for {result['configurations']} "
           "configurations")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Every artifact's files hashed again (runs only compare stamps); exit 1 if any differ."""
+    from store import Store
+
+    store = Store(args.store)
+    if not store.root.is_dir():
+        raise UserError(f"--store {store.root}: no such store")
+    bad, count = [], 0
+    for artifact in store.artifacts():
+        count += 1
+        if not store.verify(artifact, full=True):
+            bad.append(f"{artifact.kind}/{artifact.key}")
+            print(f"corrupted    {artifact.kind}/{artifact.key}")
+    print(f"verified     {count} artifacts in {store.root}: "
+          f"{len(bad) or 'none'} corrupted" + (" (the next run recomputes them)" if bad else ""))
+    return 1 if bad else 0
 
 
 def _report(args: argparse.Namespace) -> int:

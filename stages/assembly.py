@@ -55,8 +55,9 @@ def build(store: Store, spec: AssemblySpec, model: ModelSource, masks: Artifact,
     dense = load_model(model, torch.float32)
     apply_masks(dense, masks)
     keep = load_masks(masks)
-    for block, artifact in zip(arch.decoder_blocks(dense), blocks, strict=False):
-        load_block_weights(block, artifact)
+    if blocks:  # EBFT: one artifact per block, no fewer
+        for block, artifact in zip(arch.decoder_blocks(dense), blocks, strict=True):
+            load_block_weights(block, artifact)
     if lora_artifact is not None:
         lora.load_into(dense, lora_artifact)
     # Structured: the masks say which heads/channels went; the weights alone cannot (a kept

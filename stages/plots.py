@@ -10,8 +10,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import pandas as pd
 
-STYLE = {"none": "-", "dsnot": ":", "ebft": "-", "mask": "--"}
-MARKER = {"none": "o", "dsnot": "v", "ebft": "s", "mask": "D"}
+STYLE = {"none": "-", "dsnot": ":", "ebft": "-", "mask": "--", "lora": "-."}
+MARKER = {"none": "o", "dsnot": "v", "ebft": "s", "mask": "D", "lora": "^"}
 
 
 def _label(method: str, finetune: str) -> str:

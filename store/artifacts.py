@@ -178,8 +178,9 @@ class Store:
 
     def remove_abandoned(self) -> list[Path]:
         """Remove the temporary folders of writers that are gone (a killed run's half-written
-        artifact: GBs for a capture at 7B). Only folders whose writer ran on this host and no
-        longer exists, and folders of interrupted deletions; returns what was removed."""
+        artifact: GBs for a capture at 7B) and the locks they left. Only folders whose writer
+        ran on this host and no longer exists, folders of interrupted deletions, and locks
+        whose holder is gone or whose lease ran out; returns what was removed."""
         removed = []
         for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
             if tmp.name.endswith(OWNER_SUFFIX) or not tmp.is_dir():
@@ -196,8 +197,16 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             owner_file.unlink(missing_ok=True)
             removed.append(tmp)
+        for path in self.root.glob("locks/*/*.lock"):  # locks whose holder is gone
+            lock = StageLock(path)
+            owner = lock.read_owner()
+            why = owner and lock.stale(owner)
+            if why:
+                lock.break_stale(owner, why)
+                removed.append(path)
         if removed:
-            logger.info("removed %d temporary folders of runs that are gone", len(removed))
+            logger.info("removed %d temporary folders and locks of runs that are gone",
+                        len(removed))
         return removed
 
     def _log_published(self, kind: str, key: str, kept: bool = True) -> None:

@@ -80,7 +80,7 @@ class StageLock:
         except (OSError, ValueError):  # being written this instant: treat as held and fresh
             return {"token": "", "renewed_ago": 0.0}
 
-    def _stale(self, owner: dict) -> str | None:
+    def stale(self, owner: dict) -> str | None:
         """Why the holder is gone, or None while it holds the lock."""
         if owner.get("renewed_ago", 0.0) > self.lease_s:
             return f"its lease ran out ({owner['renewed_ago']:.0f}s > {self.lease_s:.0f}s)"
@@ -111,9 +111,9 @@ class StageLock:
             owner = self.read_owner()
             if owner is None:
                 continue
-            why = self._stale(owner)
+            why = self.stale(owner)
             if why:
-                self._break(owner, why)
+                self.break_stale(owner, why)
                 continue
             if time.monotonic() - last_said > 30:
                 since = time.strftime("%H:%M:%S", time.localtime(owner.get("acquired", 0)))
@@ -124,7 +124,7 @@ class StageLock:
                 last_said = time.monotonic()
             time.sleep(self.poll_s)
 
-    def _break(self, owner: dict, why: str) -> None:
+    def break_stale(self, owner: dict, why: str) -> None:
         """Move the stale lock aside (atomic rename); whoever renames it first wins."""
         aside = self.path.with_name(f"{self.path.name}.broken-{uuid.uuid4().hex[:8]}")
         try:

@@ -16,3 +16,23 @@ def test_smollm2_dense_pipeline_runs_and_caches(prefect_server, tmp_path, shared
     assert first["perplexity"]["windows_total"] > 100
     again = dense_flow(cfg)
     assert set(again["states"].values()) == {"Cached"}
+
+
+@pytest.mark.slow
+def test_a_corrupted_conversion_of_the_default_model_is_redone_not_used(prefect_server, tmp_path,
+                                                                        shared_data):
+    from pathlib import Path
+
+    cfg = DenseConfig(store=str(tmp_path / "store"), data_dir=str(shared_data), nsamples=2,
+                      seqlen=128, eval_windows=1, batch_size=2)
+    first = dense_flow(cfg)
+    (weights,) = (tmp_path / "store" / "models").glob("*/model.safetensors")
+    with open(weights, "r+b") as f:  # flip bytes in the middle of the tensors
+        f.seek(weights.stat().st_size // 2)
+        chunk = f.read(4096)
+        f.seek(weights.stat().st_size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    again = dense_flow(cfg)
+    assert again["perplexity"]["perplexity"] == first["perplexity"]["perplexity"]
+    assert set(again["states"].values()) == {"Cached"}  # same weights, same keys
+    assert Path(again["model"]["path"]) == weights.parent

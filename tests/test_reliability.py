@@ -63,8 +63,11 @@ def test_kill_9_during_a_block_then_rerun_resumes_with_identical_weights(tmp_pat
     while not (blocks.is_dir() and any((b / "DIGEST").exists() for b in blocks.iterdir())):
         assert process.poll() is None and time.monotonic() < deadline, "no block finished"
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the run and its Prefect server, mid-block
+    server = server_of(process.pid)
+    os.killpg(process.pid, signal.SIGKILL)  # the run, mid-block (its server has its own session)
     process.wait()
+    assert gone(server), "the run's Prefect server outlived a kill -9 of the run"
+    assert list(store.glob("*/.tmp-*")), "the killed run should have left a half-written block"
     finished_blocks = {b: (b / "DIGEST").stat().st_mtime_ns for b in blocks.iterdir()
                        if (b / "DIGEST").exists()}
     done = len(finished_blocks)
@@ -83,6 +86,62 @@ def test_kill_9_during_a_block_then_rerun_resumes_with_identical_weights(tmp_pat
     assert mine.keys() == theirs.keys()
     for name in mine:
         assert torch.equal(mine[name], theirs[name]), name
+    assert_store_intact(store)  # the dead run's temporary folders were removed
+
+
+def server_of(pid: int, timeout: float = 120) -> int:
+    """The pid of the private Prefect server a run started (a child running uvicorn)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (proc / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid and b"uvicorn" in cmdline:
+                return int(proc.name)
+        time.sleep(0.2)
+    raise AssertionError("the run started no Prefect server")
+
+
+def gone(pid: int, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = (Path(f"/proc/{pid}/stat")).read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # exited, waiting to be reaped by init
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_in_seconds_with_one_line_and_stops_its_server(tmp_path, data_dir):
+    model = build_tiny_model(tmp_path / "model")
+    store = tmp_path / "store"
+    process = ebft_run(model, store, data_dir)
+    server = server_of(process.pid)
+    deadline = time.monotonic() + 600
+    while not list(store.glob("ebft-block/.tmp-*")):  # training block 0
+        assert process.poll() is None and time.monotonic() < deadline, "no block started"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    started = time.monotonic()
+    out, _ = process.communicate(timeout=120)
+    seconds = time.monotonic() - started
+    assert process.returncode == 130, out[-2000:]
+    assert seconds < 15, f"took {seconds:.1f}s to stop"
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("ebft: interrupted. Finished stages are kept in the store: "
+                           "calibration, activations"), last
+    assert "Run the same command again to resume" in last
+    assert "Error" not in out.split("ebft: interrupted")[1]  # no tracebacks after it
+    assert gone(server), "the Prefect server outlived the run"
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
 import errno
+import os
 
 import pytest
 
@@ -118,7 +119,7 @@ def test_a_lock_from_another_host_is_respected_until_its_lease_runs_out(tmp_path
     _note(path, host="elsewhere", pid=1, acquired=time.time())
     waiter = StageLock(path, lease_s=1.0, poll_s=0.05, what="masks/abc")
     assert not waiter.try_acquire()
-    assert waiter._stale(waiter.read_owner()) is None  # renewed just now: held
+    assert waiter.stale(waiter.read_owner()) is None  # renewed just now: held
     os.utime(path, (time.time() - 5, time.time() - 5))  # the holder stopped renewing
     with caplog.at_level(logging.INFO, logger="ebft"), waiter:
         assert waiter.read_owner()["token"] == waiter.token
@@ -139,3 +140,63 @@ def test_a_lock_from_another_host_is_respected_until_its_lease_runs_out(tmp_path
         thread.join(timeout=5)
     assert got.is_set()
     waiting.release()
+
+
+def test_temporary_folders_of_gone_writers_are_removed_and_live_ones_kept(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    store = Store(tmp_path)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    owners = {"dead": (socket.gethostname(), dead), "live": (socket.gethostname(), os.getpid()),
+              "remote": ("another-host", dead)}
+    for name, (host, pid) in owners.items():
+        folder = tmp_path / "activations" / f".tmp-{name}-0000"
+        (folder / "activations.zarr").mkdir(parents=True)
+        (folder.parent / f"{folder.name}.owner").write_text(json.dumps({"host": host,
+                                                                         "pid": pid}))
+    deleting = tmp_path / "activations" / ".tmp-deleting-old-0000"
+    deleting.mkdir()
+    removed = {p.name for p in store.remove_abandoned()}
+    assert removed == {".tmp-dead-0000", ".tmp-deleting-old-0000"}
+    left = {p.name for p in (tmp_path / "activations").iterdir()}
+    assert left == {".tmp-live-0000", ".tmp-live-0000.owner", ".tmp-remote-0000",
+                    ".tmp-remote-0000.owner"}
+
+
+def test_stamps_spare_the_rehash_and_any_write_is_still_caught(tmp_path, monkeypatch):
+    from store import artifacts
+
+    store = Store(tmp_path)
+    with store.writing("thing", "k7") as tmp:
+        (tmp / "a.bin").write_bytes(b"\x00" * 64)
+    art = store.get("thing", "k7")
+    hashed = []
+    real = artifacts.digest_path
+    monkeypatch.setattr(artifacts, "digest_path", lambda p: hashed.append(p) or real(p))
+    assert store.verify(art) and hashed == []  # stamps unchanged: no re-read
+    assert store.verify(art, full=True) and len(hashed) == 1
+    (tmp_path / "thing" / "k7" / "a.bin").write_bytes(b"\x01" + b"\x00" * 63)  # same size
+    assert not store.verify(art)
+
+
+def test_ebft_verify_rehashes_every_artifact_and_names_the_corrupted(tmp_path, capsys):
+    from flows.cli import main
+
+    store = Store(tmp_path)
+    for key in ("a", "b"):
+        with store.writing("thing", key) as tmp:
+            (tmp / "x.bin").write_bytes(b"\x00" * 32)
+    assert main(["verify", "--store", str(tmp_path)]) == 0
+    assert "verified     2 artifacts" in capsys.readouterr().out
+    path = tmp_path / "thing" / "b" / "x.bin"
+    stat = path.stat()
+    path.write_bytes(b"\x01" + b"\x00" * 31)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
+    assert store.verify(store.get("thing", "b"))  # a stamp check cannot see this one...
+    assert main(["verify", "--store", str(tmp_path)]) == 1  # ...the full re-hash does
+    assert "corrupted    thing/b" in capsys.readouterr().out

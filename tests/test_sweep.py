@@ -112,3 +112,16 @@ def test_report_errors_are_one_line(tmp_path, capsys):
 def test_markdown_tables_are_well_formed():
     table = pd.DataFrame({"50%": [10.0, float("nan")]}, index=pd.Index(["a", "b"], name="m"))
     assert reports.markdown(table) == "| m | 50% |\n|---|---|\n| a | 10.00 |\n| b | – |"
+
+
+def test_every_recovery_has_a_plot_style_so_lora_rows_plot(tmp_path):
+    """A sweep with LoRA rows at two sparsities drew its plot with a style per recovery."""
+    from stages import plots
+
+    assert set(plots.STYLE) == set(plots.MARKER) == set(reports.FINETUNE_LABELS)
+    rows = pd.DataFrame([{"model": "m", "method": "flap", "finetune": f, "sparsity": s,
+                          "ratio": r, "ppl": 10.0 + r, "dense_ppl": 9.0, "nsamples": 8,
+                          "eval_windows": "2/2"}
+                         for f in ("none", "lora") for s, r in (("20%", 0.2), ("30%", 0.3))])
+    assert plots.perplexity_vs_sparsity(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
