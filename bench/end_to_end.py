@@ -13,6 +13,7 @@ Prints a Markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -49,15 +50,16 @@ def timed_run(flags: list[str]) -> dict:
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
         raise SystemExit(f"ebft run failed ({process.returncode}):\n{out[-3000:]}")
-    stages = {}
-    for line in out.splitlines():
-        if line.startswith("stage "):
-            _, name, *state, seconds = line.split()
-            stages[name] = {"state": " ".join(state), "seconds": float(seconds.rstrip("s"))}
-    perplexity = [line for line in out.splitlines() if line.startswith("wikitext-2")]
+    # The run's machine-readable report, not its printed summary.
+    path = next(line.split()[1] for line in out.splitlines() if line.startswith("report "))
+    report = json.loads(Path(path).read_text())
+    stages = {name: {"state": state, "seconds": report["seconds"][name],
+                     **report["usage"].get(name, {})}
+              for name, state in report["states"].items()}
+    perplexity = {name: r["perplexity"] for name, r in report["perplexity"].items() if r}
     return {"wall_s": round(time.monotonic() - start, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024), "stages": stages,
-            "perplexity": perplexity}
+            "perplexity": perplexity, "ebft_time": report.get("ebft_time")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| peak RSS | " + " | ".join(f"{runs[n]['peak_rss_mb']} MB" for n in names) + " |")
     print("| store size | " + " | ".join(f"{runs[n]['store_gb']} GB" for n in names) + " |")
     for n in names:
-        print(f"{n}: " + "; ".join(runs[n]["perplexity"]))
+        print(f"{n}: perplexity " + "; ".join(f"{k} {v:.3f}"
+                                              for k, v in runs[n]["perplexity"].items()))
     write_results(args.out, {"store": str(store), "runs": runs})
     return 0
 

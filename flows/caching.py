@@ -18,7 +18,9 @@ filesystem) compute each stage once, and the one that waited reports ``Cached``.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from store import Artifact, Store
+from store.usage import Usage, measure
 
 logger = logging.getLogger("ebft")
 FINISHED: list[str] = []  # kinds of the stages this process finished (for an interrupted run)
@@ -55,16 +58,18 @@ def cached_stage(kind: str, read: Reader = as_dict):
         def body(spec, store_root: str, **kwargs) -> State:
             store = Store(store_root)
             key = spec.key()
-            found = store.checked(kind, key)
-            if found is None:
-                with store.lock(kind, key):
-                    found = store.checked(kind, key)  # published while we waited?
-                    if found is None:
-                        result = fn(spec, store_root, **kwargs)
-                        FINISHED.append(kind)
-                        return Completed(data=result)
+            with measure() as usage:
+                found = store.checked(kind, key)
+                if found is None:
+                    with store.lock(kind, key):
+                        found = store.checked(kind, key)  # published while we waited?
+                        if found is None:
+                            result, name = fn(spec, store_root, **kwargs), "Completed"
+                if found is not None:
+                    result, name = read(found), "Cached"
             FINISHED.append(kind)
-            return Completed(name="Cached", data=read(found))
+            # The usage travels in the state's message, also back from Dask or Ray workers.
+            return Completed(name=name, data=result, message=json.dumps(usage.to_dict()))
         return body
     return decorate
 
@@ -78,3 +83,39 @@ def run_stage(task, spec, store: Store, **kwargs) -> State:
     """
     configured = task.with_options(cache_policy=NO_CACHE, persist_result=False)
     return configured(spec=spec, store_root=str(store.root), return_state=True, **kwargs)
+
+
+def usage_of(state: State) -> Usage:
+    """The resource use a stage task reported in its state's message."""
+    try:
+        fields = json.loads(state.message or "")
+    except ValueError:
+        return Usage()
+    fields.pop("compute_seconds", None)
+    return Usage(**fields)
+
+
+class StageLog:
+    """Prefect state, wall seconds and resource use of each stage of one flow run."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+        self.usage: dict[str, dict] = {}
+
+    def run(self, name: str, start_stage: Callable[[], State]):
+        """Run one stage (``start_stage`` returns its state); returns its result."""
+        started = time.monotonic()
+        state = start_stage()
+        self.record(name, [state], time.monotonic() - started)
+        return state.result()
+
+    def record(self, name: str, states: list[State], seconds: float) -> None:
+        """One stage made of several tasks (EBFT's blocks) counts as their sum."""
+        counts: dict[str, int] = {}
+        for state in states:
+            counts[state.name] = counts.get(state.name, 0) + 1
+        self.states[name] = states[0].name if len(states) == 1 else \
+            ", ".join(f"{n} {state}" for state, n in counts.items())
+        self.seconds[name] = round(seconds, 1)
+        self.usage[name] = sum((usage_of(s) for s in states), Usage()).to_dict()

@@ -449,8 +449,19 @@ def print_summary(report: dict) -> None:
     tuned = {"none": "", "lora": " + LoRA",
              "ebft": f" + EBFT ({cfg['train']['tune']})"}[cfg["finetune"]]
     print(f"\nmodel        {report['model']['name']} on {report['device']} / {report['dtype']}")
+    print(f"{'':<13}{'stage':<20} {'state':<20} {'seconds':>9} {'I/O s':>7} {'read GB':>8} "
+          f"{'written GB':>10} {'peak RSS GB':>11}")
     for stage, name in report["states"].items():
-        print(f"stage        {stage:<20} {name:<20} {report['seconds'].get(stage, 0):>8.1f}s")
+        use = report["usage"].get(stage, {})
+        print(f"stage        {stage:<20} {name:<20} {report['seconds'].get(stage, 0):>8.1f}s "
+              f"{use.get('io_seconds', 0):>7.1f} {use.get('read_bytes', 0) / 1e9:>8.2f} "
+              f"{use.get('written_bytes', 0) / 1e9:>10.2f} "
+              f"{use.get('peak_rss_bytes', 0) / 2**30:>11.2f}")
+    if report.get("ebft_time"):
+        t = report["ebft_time"]
+        print(f"ebft         {t['blocks']} blocks trained for {t['training_seconds']:.1f}s of the "
+              f"stage's {t['stage_seconds']:.1f}s: {t['non_training_share']:.0%} outside "
+              "training (loading, boundary I/O, forward passes)")
     print(f"sparsity     {masks['overall_sparsity']:.4f} overall, pattern "
           f"{'ok' if masks['pattern_ok'] else 'VIOLATED'} in every layer")
     windows = f"{dense['windows']} of {dense['windows_total']} windows of {dense['seqlen']}"

@@ -1,7 +1,6 @@
 """Dense pipeline: calibration → dense activation capture → Wikitext-2 perplexity."""
 
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import NamedTuple
 import torch
 from prefect import flow, task
 
-from flows.caching import cached_stage, read_result, run_stage
+from flows.caching import StageLog, cached_stage, read_result, run_stage
 from stages import calibration, capture, checks, data, zeroshot
 from stages import perplexity as ppl
 from stages.devices import resolve_device, resolve_dtype
@@ -188,18 +187,11 @@ def meta_model(model: ModelSource):
 prepare = prepare_dense
 
 
-def dense_stages(cfg: DenseConfig, inputs: Inputs) -> dict:
+def dense_stages(cfg: DenseConfig, inputs: Inputs, log: StageLog) -> dict:
     """The stages every configuration of one model and calibration set shares."""
     store, directory, device, dtype, model = inputs
     store.remove_abandoned()  # half-written artifacts of killed runs
-    timings: dict[str, float] = {}
-    states: dict[str, str] = {}
-
-    def timed(name: str, state_fn) -> dict:
-        t0 = time.monotonic()
-        state = state_fn()
-        timings[name], states[name] = round(time.monotonic() - t0, 1), state.name
-        return state.result()
+    timed = log.run
 
     c4_digest = data.c4_documents(directory).digest
     wiki_digest = data.wikitext2_test(directory).digest
@@ -217,18 +209,19 @@ def dense_stages(cfg: DenseConfig, inputs: Inputs) -> dict:
         perplexity_task, ppl_spec, store, model=model, data_dir=cfg.data_dir,
         device=str(device)))
     return {"calibration": calib, "activations": activations, "perplexity": dense_ppl,
-            "perplexity_spec": ppl_spec, "states": states, "seconds": timings}
+            "perplexity_spec": ppl_spec}
 
 
 @flow(name="ebft-dense")
 def dense_flow(cfg: DenseConfig) -> dict:
     inputs = prepare_dense(cfg)
-    result = dense_stages(cfg, inputs)
+    log = StageLog()
+    result = dense_stages(cfg, inputs, log)
     return {
         "config": asdict(cfg), "model": asdict(inputs.model), "device": str(inputs.device),
         "dtype": inputs.dtype, "calibration": result["calibration"],
         "activations": result["activations"], "perplexity": result["perplexity"],
-        "states": result["states"],
+        "states": log.states, "seconds": log.seconds, "usage": log.usage,
     }
 
 

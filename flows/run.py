@@ -12,7 +12,7 @@ from functools import partial
 
 from prefect import flow, task
 
-from flows.caching import cached_stage, run_stage
+from flows.caching import StageLog, cached_stage, run_stage
 from flows.dense import (
     DenseConfig,
     Inputs,
@@ -184,15 +184,9 @@ def run_flow(cfg: RunConfig) -> dict:
     started = time.monotonic()
     inputs = prepare(cfg)
     store, model, dtype = inputs.store, inputs.model, inputs.dtype
-    dense = dense_stages(cfg.dense, inputs)
-    timings = dict(dense["seconds"])
-    states = dict(dense["states"])
-
-    def timed(name: str, state_fn):
-        t0 = time.monotonic()
-        state = state_fn()
-        timings[name], states[name] = round(time.monotonic() - t0, 1), state.name
-        return state.result()
+    log = StageLog()
+    dense = dense_stages(cfg.dense, inputs, log)
+    timed = log.run
 
     zs_directory = data.data_dir(cfg.dense.data_dir)
     zs_tasks = zeroshot.available(cfg.zeroshot.tasks, zs_directory)[0]
@@ -224,7 +218,7 @@ def run_flow(cfg: RunConfig) -> dict:
 
     blocks: list[dict] = []
     last_key = None
-    records = []
+    records, ebft_time = [], None
     if cfg.finetune == "ebft":
         n_blocks = load_config_layers(model)
         pattern = mask_spec.parsed_pattern()
@@ -237,12 +231,12 @@ def run_flow(cfg: RunConfig) -> dict:
             state = run_stage(block_task, spec, store, model=model, activations=activations,
                               masks=masks, device=str(inputs.device), chain=specs,
                               keep_boundaries=cfg.keep_boundaries)
-            block_states.append(state.name)
+            block_states.append(state)
             blocks.append(state.result())
-        timings["ebft"] = round(time.monotonic() - t0, 1)
-        states["ebft"] = summarize_states(block_states)
+        log.record("ebft", block_states, time.monotonic() - t0)
         last_key = specs[-1].key()
         records = [ebft.read_record(Artifact(**b)) for b in blocks]
+        ebft_time = training_share(records, block_states, log.seconds["ebft"])
         if not cfg.keep_boundaries:
             store.delete("ebft-boundary", last_key)
 
@@ -279,18 +273,25 @@ def run_flow(cfg: RunConfig) -> dict:
         "perplexity": {"dense": dense["perplexity"], "pruned": pruned_ppl,
                        "finetuned": tuned_ppl},
         "zeroshot": zs if cfg.zeroshot.tasks else None,
-        "states": states, "seconds": timings,
+        "states": log.states, "seconds": log.seconds, "usage": log.usage,
+        "ebft_time": ebft_time,
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     report["report_path"] = write_report(store, cfg, report)
     return report
 
 
-def summarize_states(names: list[str]) -> str:
-    counts: dict[str, int] = {}
-    for name in names:
-        counts[name] = counts.get(name, 0) + 1
-    return ", ".join(f"{count} {name}" for name, count in counts.items())
+def training_share(records: list[dict], states: list, stage_seconds: float) -> dict | None:
+    """How much of the EBFT stage the blocks computed in this run spent training (their
+    loops), and the rest: loading, boundary I/O, forward passes for the next inputs."""
+    trained = [r["seconds"] for r, s in zip(records, states, strict=True)
+               if s.name == "Completed"]
+    if not trained:
+        return None
+    training = sum(trained)
+    return {"blocks": len(trained), "stage_seconds": stage_seconds,
+            "training_seconds": round(training, 1),
+            "non_training_share": round(max(0.0, 1 - training / max(stage_seconds, 1e-9)), 3)}
 
 
 def mask_summary(masks: Artifact) -> dict:

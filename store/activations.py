@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import zarr
 
+from store.usage import io_time
+
 STORAGE = {torch.float16: ("float16", "float16"), torch.bfloat16: ("uint16", "bfloat16")}
 
 
@@ -40,7 +42,8 @@ def write(group: zarr.Group, boundary: int, start: int, values: torch.Tensor) ->
     name = group.attrs["ebft_dtype"]
     values = values.detach().to("cpu", getattr(torch, name))
     raw = values.view(torch.uint16) if name == "bfloat16" else values
-    group[boundary_name(boundary)][start:start + len(values)] = raw.numpy()
+    with io_time():
+        group[boundary_name(boundary)][start:start + len(values)] = raw.numpy()
 
 
 def open_group(path: Path) -> zarr.Group:
@@ -48,13 +51,15 @@ def open_group(path: Path) -> zarr.Group:
 
 
 def read(group: zarr.Group, boundary: int, start: int, stop: int) -> torch.Tensor:
-    return _as_tensor(group, np.asarray(group[boundary_name(boundary)][start:stop]))
+    with io_time():
+        return _as_tensor(group, np.asarray(group[boundary_name(boundary)][start:stop]))
 
 
 def read_rows(group: zarr.Group, boundary: int, rows: list[int]) -> torch.Tensor:
     """Samples at arbitrary indices (a shuffled training batch), in the given order."""
-    array = group[boundary_name(boundary)]
-    return _as_tensor(group, np.stack([np.asarray(array[i]) for i in rows]))
+    with io_time():
+        array = group[boundary_name(boundary)]
+        return _as_tensor(group, np.stack([np.asarray(array[i]) for i in rows]))
 
 
 def _as_tensor(group: zarr.Group, raw: np.ndarray) -> torch.Tensor:

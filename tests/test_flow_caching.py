@@ -94,3 +94,23 @@ def test_two_concurrent_runs_compute_each_stage_once(prefect_server, tmp_path, d
     assert len(results) == 2
     assert calls == {"calibration": 1, "capture": 1}
     assert results[0]["activations"] == results[1]["activations"]
+
+
+def test_a_stage_lock_is_released_when_the_stage_ends_not_the_run(prefect_server, tmp_path,
+                                                                  data_dir, monkeypatch):
+    """While the capture runs, the calibration it follows holds no lock any more (a sweep's
+    other configurations wait for a stage, never for a whole configuration)."""
+    from stages import capture
+
+    held_during_capture = []
+    real = capture.capture_dense
+
+    def capture_and_look(*args, **kwargs):
+        held_during_capture.extend(p.parent.name for p in
+                                   (tmp_path / "store" / "locks").rglob("*.lock"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture, "capture_dense", capture_and_look)
+    run(tmp_path / "store", build_tiny_model(tmp_path / "model"), data_dir)
+    assert held_during_capture == ["activations"]  # its own lock only
+    assert not list((tmp_path / "store" / "locks").rglob("*.lock"))

@@ -181,11 +181,14 @@ def count_states(summary: str):
 
 def stage_states(output: str) -> dict[str, str]:
     """{stage: state} from the summary lines `stage  NAME  STATE  SECONDSs` of `ebft run`."""
+    import re
+
     states = {}
     for line in output.splitlines():
         if line.startswith("stage "):
-            _, name, *state, _seconds = line.split()
-            states[name] = " ".join(state)
+            tokens = line.split()
+            seconds = next(i for i, t in enumerate(tokens) if re.fullmatch(r"[\d.]+s", t))
+            states[tokens[1]] = " ".join(tokens[2:seconds])
     return states
 
 

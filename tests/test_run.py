@@ -291,3 +291,19 @@ def test_prefect_yaml_deployment_parameters_are_valid_configs():
     assert nightly["sweep"].base.zeroshot.limit == 500
     paper = sweep_flow.validate_parameters(sweeps["llama2-7b-paper"]["parameters"])["sweep"]
     assert paper.base.dense.nsamples == 256 and paper.base.train.max_epochs == 10
+
+
+def test_the_report_says_where_each_stage_spent_its_time_and_memory(uninterrupted):
+    usage = uninterrupted["usage"]
+    assert set(usage) == set(uninterrupted["states"])
+    for stage, use in usage.items():
+        assert 0 <= use["io_seconds"] <= use["seconds"], stage
+        assert use["compute_seconds"] == pytest.approx(use["seconds"] - use["io_seconds"],
+                                                       abs=2e-3)
+        assert use["peak_rss_bytes"] > 0, stage
+    assert usage["dense-capture"]["written_bytes"] > 0  # it wrote the boundaries
+    assert usage["dense-capture"]["io_seconds"] > 0
+    share = uninterrupted["ebft_time"]
+    assert share["blocks"] == 3 and 0 <= share["non_training_share"] < 1
+    training = sum(r["seconds"] for r in uninterrupted["blocks"])
+    assert share["training_seconds"] == pytest.approx(training, abs=0.1)
