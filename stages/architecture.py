@@ -82,7 +82,3 @@ def to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
-
-
-def max_context(model_config) -> int | None:
-    return getattr(model_config, "max_position_embeddings", None)

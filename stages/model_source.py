@@ -32,7 +32,7 @@ class ModelSource:
     digest: str  # digest of weights, config and tokenizer
 
 
-def resolve_model(name: str, store: Store, trust_remote_code: bool = False) -> ModelSource:
+def resolve_model(name: str, store: Store) -> ModelSource:
     if name == DEFAULT_MODEL:
         folder = _converted_default(store)
     elif Path(name).expanduser().exists():
@@ -140,22 +140,22 @@ def _converted_default(store: Store) -> Path:
     return store.path("models", key)
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool = False):
+def load_model(source: ModelSource, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     with io_time():
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, trust_remote_code=trust_remote_code,
+            source.path, dtype=dtype, trust_remote_code=False,
             attn_implementation="sdpa")
     model.eval()
     model.config.use_cache = False
     return model
 
 
-def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
     tokenizer.model_max_length = int(1e12)  # we window long texts ourselves
     return tokenizer
 

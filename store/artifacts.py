@@ -235,7 +235,3 @@ class Store:
 
     def write_json(self, folder: Path, name: str, obj: object) -> None:
         (folder / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-    def size_bytes(self, kind: str | None = None) -> int:
-        base = self.root / kind if kind else self.root
-        return sum(p.stat().st_size for p in base.rglob("*") if p.is_file())

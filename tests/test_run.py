@@ -202,7 +202,8 @@ def test_mask_tuning_keeps_weights_and_exact_nm_pattern(tmp_path, model, data_di
         assert (groups == 2).all(), name  # exactly 2 of every 4 inputs, as before tuning
         kept = w != 0
         assert torch.equal(w[kept], dense[name][kept]), name  # weights frozen, only chosen
-    assert all(r["end_loss"] <= r["start_loss"] for r in report["blocks"])
+    for r in report["blocks"]:  # each block keeps its best held-out loss (start or an epoch)
+        assert r["end_loss"] == min([r["start_loss"], *r["eval_losses"]]), r
 
 
 def test_sequential_and_dense_mask_inputs_differ_after_block_0(tmp_path, model, data_dir,
@@ -273,37 +274,30 @@ def test_mask_stage_on_a_tiny_llama(prefect_server, tmp_path_factory, model, dat
     assert (Path(masks.path) / "weights.safetensors").exists() == method.startswith("sparsegpt")
 
 
-def test_prefect_yaml_deployment_parameters_are_valid_configs():
+def test_prefect_yaml_deployment_parameters_are_valid_configs(monkeypatch):
     import yaml
 
+    from flows.dense import dense_flow
+
+    monkeypatch.setenv("EBFT_STORE", "/shared/store")  # the worker's environment decides
     deployments = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())["deployments"]
-    run = next(d for d in deployments if d["entrypoint"] == "flows/run.py:run_flow")
+    flows = {"flows.run:run_flow": run_flow, "flows.dense:dense_flow": dense_flow}
+    run = next(d for d in deployments if d["entrypoint"] == "flows.run:run_flow")
     cfg = run_flow.validate_parameters(run["parameters"])["cfg"]
     assert isinstance(cfg, RunConfig) and cfg.prune.method == "wanda"
     assert cfg.train.max_epochs == 2 and cfg.dense.eval_windows is None
+    assert cfg.dense.store == "/shared/store" and cfg.dense.data_dir is None
     from flows.sweep import SweepConfig, expand, sweep_flow
 
-    sweeps = {d["name"]: d for d in deployments if d["entrypoint"] == "flows/sweep.py:sweep_flow"}
+    flows["flows.sweep:sweep_flow"] = sweep_flow
+    for d in deployments:  # every entrypoint is a module path of the installed package
+        assert d["entrypoint"] in flows and d["concurrency_limit"] == 1, d["name"]
+    sweeps = {d["name"]: d for d in deployments if d["entrypoint"] == "flows.sweep:sweep_flow"}
     assert set(sweeps) == {"smollm2-table1-nightly", "llama2-7b-paper"}
     nightly = sweep_flow.validate_parameters(sweeps["smollm2-table1-nightly"]["parameters"])
     assert isinstance(nightly["sweep"], SweepConfig)
     assert len(expand(nightly["sweep"])) == 27  # 3 methods x 3 sparsities x 3 recoveries
-    assert nightly["sweep"].base.zeroshot.limit == 500
+    assert nightly["sweep"].base.dense.eval_windows == 16  # sized for a night (README)
+    assert nightly["sweep"].base.zeroshot.tasks == ()
     paper = sweep_flow.validate_parameters(sweeps["llama2-7b-paper"]["parameters"])["sweep"]
     assert paper.base.dense.nsamples == 256 and paper.base.train.max_epochs == 10
-
-
-def test_the_report_says_where_each_stage_spent_its_time_and_memory(uninterrupted):
-    usage = uninterrupted["usage"]
-    assert set(usage) == set(uninterrupted["states"])
-    for stage, use in usage.items():
-        assert 0 <= use["io_seconds"] <= use["seconds"], stage
-        assert use["compute_seconds"] == pytest.approx(use["seconds"] - use["io_seconds"],
-                                                       abs=2e-3)
-        assert use["peak_rss_bytes"] > 0, stage
-    assert usage["dense-capture"]["written_bytes"] > 0  # it wrote the boundaries
-    assert usage["dense-capture"]["io_seconds"] > 0
-    share = uninterrupted["ebft_time"]
-    assert share["blocks"] == 3 and 0 <= share["non_training_share"] < 1
-    training = sum(r["seconds"] for r in uninterrupted["blocks"])
-    assert share["training_seconds"] == pytest.approx(training, abs=0.1)
