@@ -41,7 +41,6 @@ def as_dict(artifact: Artifact) -> dict:
 
 def read_result(artifact: Artifact) -> dict:
     """The ``result.json`` of a result artifact (perplexity, zero-shot)."""
-    import json
     from pathlib import Path
 
     return json.loads((Path(artifact.path) / "result.json").read_text())
@@ -58,15 +57,16 @@ def cached_stage(kind: str, read: Reader = as_dict):
         def body(spec, store_root: str, **kwargs) -> State:
             store = Store(store_root)
             key = spec.key()
-            with measure() as usage:
+            with measure() as usage:  # the check, or the computation (not a lock wait)
                 found = store.checked(kind, key)
-                if found is None:
-                    with store.lock(kind, key):
-                        found = store.checked(kind, key)  # published while we waited?
-                        if found is None:
+            if found is None:
+                with store.lock(kind, key):
+                    found = store.checked(kind, key)  # published while we waited?
+                    if found is None:
+                        with measure() as usage:
                             result, name = fn(spec, store_root, **kwargs), "Completed"
-                if found is not None:
-                    result, name = read(found), "Cached"
+            if found is not None:
+                result, name = read(found), "Cached"
             FINISHED.append(kind)
             # The usage travels in the state's message, also back from Dask or Ray workers.
             return Completed(name=name, data=result, message=json.dumps(usage.to_dict()))

@@ -219,10 +219,6 @@ def prefect_env() -> None:
 def _dense_config(args: argparse.Namespace):
     from flows.dense import DenseConfig
 
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size {args.batch_size}: must be positive")
-    if args.eval_windows is not None and args.eval_windows < 0:
-        raise UserError(f"--eval-windows {args.eval_windows}: must be positive or 'all'")
     fields = DenseConfig.__dataclass_fields__
     return DenseConfig(**{k: v for k, v in vars(args).items() if k in fields})
 

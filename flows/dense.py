@@ -128,7 +128,7 @@ def prepare_dense(cfg: DenseConfig) -> Inputs:
     calib_spec = calibration.CalibrationSpec(c4.digest, tokenizer_digest(model), cfg.nsamples,
                                              cfg.seqlen, cfg.seed)
     if store.get("calibration", calib_spec.key()) is None:
-        calibration.check_corpus(c4.texts, tokenizer, cfg.seqlen)
+        calibration.check_corpus(c4.texts, c4.digest, tokenizer, cfg.seqlen)
     capture_spec = capture.CaptureSpec(model.digest, calib_spec.key(), dtype, cfg.batch_size)
     check_resources(cfg, store, meta, dtype,
                     capture_stored=store.get("activations", capture_spec.key()) is not None)
@@ -143,6 +143,20 @@ def check_dense_flags(cfg: DenseConfig) -> None:
     calibration.validate(cfg.nsamples, cfg.seqlen, None)
     calibration.validate(1, cfg.eval_seqlen, None, "--eval-seqlen")
     checks.store_location(Path(cfg.store).expanduser())
+    if not Path(cfg.store).expanduser().is_absolute() and deployment_run():
+        raise UserError(f"store {cfg.store!r} is relative, and a worker runs each flow in a "
+                        "temporary folder: set EBFT_STORE on the worker to an absolute folder "
+                        "every worker of the pool sees")
+
+
+def deployment_run() -> bool:
+    """Whether this flow run was started from a deployment (by a worker)."""
+    try:
+        from prefect.runtime import deployment
+
+        return deployment.id is not None
+    except Exception:  # noqa: BLE001 - outside Prefect: not a deployment run
+        return False
 
 
 def declared_context(name: str) -> int | None:

@@ -24,10 +24,17 @@ import httpx
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with(parent: int):
+    """What the server's child process runs between fork and exec: only the prctl call
+    (resolved here, in the parent: nothing is loaded after fork), then exit if the parent
+    is already gone (it died before the signal was armed)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+    return arm
 
 
 def _free_port() -> int:
@@ -55,7 +62,8 @@ def prefect_api() -> Iterator[str]:
         [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
          "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-        env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509 - setsid + prctl, nothing else
+        env=env, start_new_session=True,  # Ctrl-C in the terminal does not reach it
+        preexec_fn=_die_with(os.getpid()))  # noqa: PLW1509 - one prctl call, nothing else
     try:
         _wait_healthy(server, url, float(os.environ.get(
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))

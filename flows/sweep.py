@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.run import RunConfig, prepare, run_flow
@@ -116,7 +117,7 @@ def check(sweep: SweepConfig) -> list[RunConfig]:
     return configs
 
 
-@task(name="configuration", task_run_name="{label}")
+@task(name="configuration", task_run_name="{label}", cache_policy=NO_CACHE)
 def configuration_task(cfg: RunConfig, label: str) -> str:
     """Run one configuration of the grid; returns the path of its run report."""
     return run_flow(cfg)["report_path"]

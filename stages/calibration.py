@@ -43,9 +43,22 @@ def validate(nsamples: int, seqlen: int, max_context: int | None,
                         f"tokens; choose {seqlen_flag} <= {max_context}")
 
 
-def check_corpus(texts: list[str], tokenizer, seqlen: int) -> None:
-    """At least one document longer than ``seqlen`` tokens (checked before any stage)."""
-    longest = max((len(ids) for ids in tokenizer(texts)["input_ids"]), default=0)
+_LONGEST: dict[tuple, int] = {}  # (corpus digest, tokenizer, seqlen) -> tokens seen
+
+
+def check_corpus(texts: list[str], digest: str, tokenizer, seqlen: int) -> None:
+    """At least one document longer than ``seqlen`` tokens (checked before any stage).
+    Documents are tried longest first and the search stops at the first that is long
+    enough, so this is one tokenizer call on a real corpus (remembered per process)."""
+    key = (digest, tokenizer.name_or_path, seqlen)
+    if key not in _LONGEST:
+        longest = 0
+        for text in sorted(texts, key=len, reverse=True):
+            longest = max(longest, len(tokenizer(text)["input_ids"]))
+            if longest > seqlen or 4 * len(text) + 8 <= seqlen:  # none left can get there
+                break  # (a character is at most 4 byte tokens, plus a few special ones)
+        _LONGEST[key] = longest
+    longest = _LONGEST[key]
     if longest <= seqlen:
         raise UserError(f"no calibration document is longer than --seqlen {seqlen} tokens "
                         f"(longest: {longest}); lower --seqlen or provide longer documents")

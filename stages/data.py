@@ -88,18 +88,29 @@ def _local_c4(files: tuple[tuple[Path, int, int], ...]) -> Corpus:
             with gzip.open(f, "rt", encoding="utf-8") as lines:
                 for line_no, line in enumerate(lines, 1):
                     if line.strip():
-                        texts.append(json.loads(line)["text"])
-        except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:
+                        texts.append(_c4_text(line, f, line_no))
+        except (OSError, EOFError, UnicodeDecodeError) as err:  # reading line line_no + 1
             raise UserError(f"C4 file {f} is damaged at line {line_no + 1} "
                             f"({type(err).__name__}: {err}); replace or remove it") from err
-        except (KeyError, TypeError) as err:
-            raise UserError(f"C4 file {f} line {line_no}: not a JSON object with a \"text\" "
-                            "field; replace or remove the file") from err
     if not texts:
         raise UserError(f"the C4 files ({', '.join(str(f) for f, *_ in files)}) hold no "
                         f"documents; {_FIX}")
     digest = digest_bytes("".join(digest_path(f) for f, *_ in files).encode())
     return Corpus(texts, digest, ", ".join(str(f) for f, *_ in files))
+
+
+def _c4_text(line: str, f: Path, line_no: int) -> str:
+    try:
+        text = json.loads(line)["text"]
+    except ValueError as err:
+        raise UserError(f"C4 file {f} line {line_no} is not JSON ({err}); replace or remove "
+                        "the file") from err
+    except (KeyError, TypeError):
+        text = None
+    if not isinstance(text, str):
+        raise UserError(f"C4 file {f} line {line_no}: not a JSON object with a \"text\" "
+                        "field; replace or remove the file")
+    return text
 
 
 def _from_hub(load, name: str) -> list[str]:

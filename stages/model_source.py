@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +64,15 @@ def model_digest(folder: Path, store: Store) -> str:
     return digest_bytes("\n".join(parts).encode())
 
 
+def machine_cache() -> Path:
+    """This machine's cache (``$XDG_CACHE_HOME/ebft``, else ``~/.cache/ebft``): file digests
+    keyed by this machine's paths, and the built-in model's conversion. Never the store,
+    which bad input must leave untouched."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "ebft"
+
+
 def digest_memo_dir() -> Path:
-    """Where file digests are remembered: a per-machine cache (they are keyed by this
-    machine's paths), never the store, which bad input must leave untouched."""
-    cache = os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()
-    return Path(cache) / "ebft" / "file-digests"
+    return machine_cache() / "file-digests"
 
 
 def _cached_file_digest(path: Path, store: Store | None = None) -> str:
@@ -78,7 +83,7 @@ def _cached_file_digest(path: Path, store: Store | None = None) -> str:
         return memo.read_text().strip()
     digest = digest_file(path)
     memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(".tmp")
+    tmp = memo.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")  # two processes may race here
     tmp.write_text(digest)
     tmp.replace(memo)
     return digest
@@ -113,7 +118,10 @@ def default_gguf() -> Path:
 
 
 def _converted_default(store: Store) -> Path:
-    """Convert the GGUF once into a plain safetensors folder kept in the store."""
+    """Convert the GGUF once into a plain safetensors folder kept in this machine's cache
+    (a content-keyed, verified artifact like any other), so checks that need the model's
+    shapes can run before anything is written to the store."""
+    store = Store(machine_cache())
     gguf = default_gguf()
     key = _cached_file_digest(gguf, store)[:32]
     found = store.checked("models", key)  # a corrupted conversion is deleted and redone

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from store.hashing import digest_path
-from store.locks import StageLock, process_alive, process_start
+from store.locks import StageLock, owned_by_a_gone_process, owner_note
 
 DIGEST_FILE, STAMP_FILE = "DIGEST", "STAMP"
 TMP_PREFIX, OWNER_SUFFIX = ".tmp-", ".owner"
@@ -41,12 +41,6 @@ def stamps(folder: Path) -> str:
             st = f.stat()
             rows.append([rel, st.st_size, st.st_mtime_ns, st.st_ino])
     return json.dumps(rows)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class StoreFull(OSError):
@@ -115,7 +109,14 @@ class Store:
         if digest_path(folder) != artifact.digest:
             return False
         with contextlib.suppress(OSError):  # a read-only store stays verifiable
-            _write_atomically(stamp_file, now)
+            # written beside the artifact, never inside it: a stray temporary file inside
+            # would change its digest
+            tmp = folder.parent / f"{TMP_PREFIX}stamp-{folder.name}-{uuid.uuid4().hex[:8]}"
+            try:
+                tmp.write_text(now)
+                os.replace(tmp, stamp_file)
+            finally:
+                tmp.unlink(missing_ok=True)
         return True
 
     def checked(self, kind: str, key: str) -> Artifact | None:
@@ -135,6 +136,8 @@ class Store:
     def artifacts(self) -> Iterator[Artifact]:
         """Every complete artifact in the store."""
         for digest_file in sorted(self.root.glob(f"*/*/{DIGEST_FILE}")):
+            if digest_file.parent.name.startswith(TMP_PREFIX):
+                continue  # being written or deleted
             found = self.get(digest_file.parent.parent.name, digest_file.parent.name)
             if found is not None:
                 yield found
@@ -151,20 +154,18 @@ class Store:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f"{TMP_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
         owner = tmp.with_name(tmp.name + OWNER_SUFFIX)  # who writes it, for remove_abandoned
-        owner.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                     "started": process_start(os.getpid())}))
+        owner.write_text(json.dumps(owner_note()))
         tmp.mkdir()
         try:
             yield tmp
             (tmp / DIGEST_FILE).write_text(digest_path(tmp) + "\n")
             (tmp / STAMP_FILE).write_text(stamps(tmp))  # a rename keeps sizes, mtimes, inodes
-            if replace or self.get(kind, key) is None:  # else keep what was published meanwhile
-                if final.exists():  # an incomplete leftover, or the document being replaced
-                    shutil.rmtree(final)
+            if replace:  # a document of the latest run (report, tables): the new one wins
+                self.delete(kind, key)
                 os.replace(tmp, final)
                 self._log_published(kind, key)
-            else:  # computed twice: the audit trail says so (concurrency tests read this)
-                self._log_published(kind, key, kept=False)
+            else:  # content-keyed: immutable, the first copy published stays
+                self._publish_once(kind, key, tmp)
         except OSError as err:
             if err.errno not in NO_SPACE:
                 raise
@@ -191,8 +192,7 @@ class Store:
                     owner = json.loads(owner_file.read_text())
                 except (OSError, ValueError):
                     continue  # no note: unknown writer, left alone
-                if owner.get("host") != socket.gethostname() or \
-                        process_alive(int(owner["pid"]), owner.get("started")):
+                if not owned_by_a_gone_process(owner):
                     continue
             shutil.rmtree(tmp, ignore_errors=True)
             owner_file.unlink(missing_ok=True)
@@ -208,6 +208,19 @@ class Store:
             logger.info("removed %d temporary folders and locks of runs that are gone",
                         len(removed))
         return removed
+
+    def _publish_once(self, kind: str, key: str, tmp: Path) -> None:
+        final = self.path(kind, key)
+        if final.exists() and not (final / DIGEST_FILE).is_file():
+            self.delete(kind, key)  # an incomplete leftover (never written by this code)
+        try:
+            os.replace(tmp, final)
+            kept = True
+        except OSError as err:  # published meanwhile: a rename never replaces a full folder
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            kept = False  # computed twice: the audit trail says so (concurrency tests read it)
+        self._log_published(kind, key, kept=kept)
 
     def _log_published(self, kind: str, key: str, kept: bool = True) -> None:
         """One JSON line per published artifact (what was computed, when, by which process).

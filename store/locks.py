@@ -1,11 +1,14 @@
 """Leased locks in the store, so two runs on one store compute each artifact once.
 
-A lock is a file ``<store>/locks/<kind>/<key>.lock`` created with O_EXCL and holding its
-owner (host, pid, process start time, when acquired). While held, a background thread
-renews the lease by touching the file every ``lease / 4`` seconds. A waiting run breaks
-the lock when the lease has run out (the holder stopped renewing: killed, hung, its host
-gone) or, on the holder's own host, at once when the holding process no longer exists.
-A waiter logs who holds the lock and since when.
+A lock is a file ``<store>/locks/<kind>/<key>.lock`` holding its owner (host, machine, pid,
+process start time, when acquired, lease). It is created with its note in one step (a
+complete note is hard-linked into place, which fails if the lock exists), so no reader sees
+it half-written. While held, a background thread renews the lease by touching the file every
+``lease / 4`` seconds. A waiting run breaks the lock when the lease has run out (the holder
+stopped renewing: killed, its host gone or cut off) or, on the holder's own machine
+(hostname, boot and pid namespace), at once when the holding process no longer exists. A
+holder that hangs but keeps its process alive keeps renewing: the lease protects against
+lost holders, not slow ones. A waiter logs who holds the lock and since when.
 
 Correctness never depends on a lock: artifacts are content-keyed and published
 atomically, so a broken lock can at worst cause work to be done twice, never a wrong
@@ -14,6 +17,7 @@ result. The lock exists to avoid that double work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -47,8 +51,44 @@ def process_alive(pid: int, started: str | None) -> bool:
     return started is None or process_start(pid) in (None, started)
 
 
+def machine() -> str:
+    """This host as pids see it: hostname, boot and pid namespace. Containers sharing a
+    hostname have their own pid namespaces, so a pid is only judged where all three match."""
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            return ""
+
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}|{read('/proc/sys/kernel/random/boot_id')}|{namespace}"
+
+
+def owned_by_a_gone_process(owner: dict) -> bool:
+    """Whether an owner note names a process of this machine that no longer exists."""
+    return owner.get("machine") == machine() and "pid" in owner \
+        and not process_alive(int(owner["pid"]), owner.get("started"))
+
+
+def owner_note() -> dict:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "machine": machine(), "pid": pid,
+            "started": process_start(pid)}
+
+
 def lease_seconds() -> float:
     return float(os.environ.get(LEASE_ENV, DEFAULT_LEASE_S))
+
+
+def read_note(path: Path) -> dict:
+    try:
+        note = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) else {}
 
 
 class StageLock:
@@ -63,41 +103,37 @@ class StageLock:
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
-    # ---- owner notes -----------------------------------------------------------------------
-    def _owner(self) -> dict:
-        pid = os.getpid()
-        return {"token": self.token, "host": socket.gethostname(), "pid": pid,
-                "started": process_start(pid), "acquired": time.time()}
-
     def read_owner(self) -> dict | None:
-        """The holder's note and the age of its last renewal, or None if the lock is free."""
+        """The holder's note and the age of its last renewal, or None if the lock is free.
+        An unreadable note (a foreign or damaged file) still ages, so its lease runs out."""
         try:
-            note = json.loads(self.path.read_text())
-            note["renewed_ago"] = time.time() - self.path.stat().st_mtime
-            return note
+            renewed_ago = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):  # being written this instant: treat as held and fresh
-            return {"token": "", "renewed_ago": 0.0}
+        return {"token": "", **read_note(self.path), "renewed_ago": renewed_ago}
 
     def stale(self, owner: dict) -> str | None:
-        """Why the holder is gone, or None while it holds the lock."""
-        if owner.get("renewed_ago", 0.0) > self.lease_s:
-            return f"its lease ran out ({owner['renewed_ago']:.0f}s > {self.lease_s:.0f}s)"
-        if owner.get("host") == socket.gethostname() and "pid" in owner \
-                and not process_alive(int(owner["pid"]), owner.get("started")):
+        """Why the holder is gone, or None while it holds the lock. The lease is the
+        holder's own (it renews at a quarter of it)."""
+        lease = float(owner.get("lease_s") or self.lease_s)
+        if owner.get("renewed_ago", 0.0) > lease:
+            return f"its lease ran out ({owner['renewed_ago']:.0f}s > {lease:.0f}s)"
+        if owned_by_a_gone_process(owner):
             return f"its process {owner['pid']} no longer exists"
         return None
 
     # ---- acquire / release -----------------------------------------------------------------
     def try_acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        note = self.path.with_name(f".{self.path.name}.{self.token}")
+        note.write_text(json.dumps({**owner_note(), "token": self.token,
+                                    "acquired": time.time(), "lease_s": self.lease_s}))
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(note, self.path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self._owner()))
+        finally:
+            note.unlink(missing_ok=True)
         self._stop.clear()
         self._renewer = threading.Thread(target=self._renew, daemon=True,
                                          name=f"lease-{self.what}")
@@ -120,41 +156,49 @@ class StageLock:
                 logger.info("waiting for %s: held by %s pid %s since %s (lease renewed %.0fs "
                             "ago, expires after %.0fs without renewal)", self.what,
                             owner.get("host", "?"), owner.get("pid", "?"), since,
-                            owner.get("renewed_ago", 0), self.lease_s)
+                            owner.get("renewed_ago", 0),
+                            float(owner.get("lease_s") or self.lease_s))
                 last_said = time.monotonic()
             time.sleep(self.poll_s)
 
     def break_stale(self, owner: dict, why: str) -> None:
-        """Move the stale lock aside (atomic rename); whoever renames it first wins."""
-        aside = self.path.with_name(f"{self.path.name}.broken-{uuid.uuid4().hex[:8]}")
+        """Move the stale lock aside (atomic rename). If what moved is not the lock judged
+        stale (another waiter broke it and took it meanwhile), it is put back."""
+        aside = self.path.with_name(f".{self.path.name}.broken-{uuid.uuid4().hex[:8]}")
         try:
             os.replace(self.path, aside)
         except FileNotFoundError:
+            return
+        if read_note(aside).get("token", "") != owner.get("token", ""):
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+            aside.unlink(missing_ok=True)
             return
         logger.warning("broke the lock on %s held by %s pid %s: %s", self.what,
                        owner.get("host", "?"), owner.get("pid", "?"), why)
         aside.unlink(missing_ok=True)
 
     def _renew(self) -> None:
+        """Touch the lock while held; a passing I/O error (NFS) is retried next period."""
         while not self._stop.wait(self.lease_s / 4):
-            try:
-                if json.loads(self.path.read_text()).get("token") != self.token:
+            if read_note(self.path).get("token") != self.token:
+                if not self._stop.is_set():
                     logger.warning("lost the lock on %s (broken by another run); the artifact "
                                    "stays correct, the work may be done twice", self.what)
-                    return
-                os.utime(self.path)
-            except (OSError, ValueError):
                 return
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                return
+            except OSError as err:
+                logger.warning("could not renew the lock on %s (%s); retrying", self.what, err)
 
     def release(self) -> None:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        try:
-            if json.loads(self.path.read_text()).get("token") == self.token:
-                self.path.unlink()
-        except (OSError, ValueError):
-            pass
+        if read_note(self.path).get("token") == self.token:
+            self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
         self.acquire()

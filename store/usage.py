@@ -5,7 +5,8 @@ their wall time to a per-process counter; ``measure()`` takes those counters, th
 process's byte counts (``/proc/self/io``: every read and write call, page cache included)
 and its peak RSS (reset before the stage through ``/proc/self/clear_refs``) around one
 stage. Per process: stages running at once in one process (a thread-parallel sweep) share
-the counters, so their split is approximate there.
+the counters, so their split is approximate there. The byte counts are read()/write() calls
+(a Prefect API call counts; memory-mapped safetensors reads do not).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def measure() -> Iterator[Usage]:
     import torch
 
     usage = Usage()
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_initialized()  # never start CUDA just to measure (CPU runs)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     _reset_peak_rss()
@@ -100,4 +101,5 @@ def measure() -> Iterator[Usage]:
         usage.io_seconds = round(min(_io_seconds[0] - io0, usage.seconds), 3)
         usage.read_bytes, usage.written_bytes = read1 - read0, written1 - written0
         usage.peak_rss_bytes = _peak_rss()
-        usage.peak_device_bytes = torch.cuda.max_memory_allocated() if cuda else 0
+        usage.peak_device_bytes = torch.cuda.max_memory_allocated() if cuda else 0  # current
+        # device: the one the run's stages use
