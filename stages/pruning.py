@@ -74,8 +74,23 @@ class MaskSpec:
         modules = [sys.modules[__name__], arch, acts, stages.masks.core, stages.masks.dsnot,
                    stages.masks.magnitude, stages.masks.sparsegpt, stages.masks.stats,
                    stages.masks.wanda, stages.masks.flap, structured]
-        params = {k: v for k, v in asdict(self).items() if k != "batch_size"}
+        unused = {"batch_size", *self.unused_parameters()}  # they change nothing stored
+        params = {k: v for k, v in asdict(self).items() if k not in unused}
         return digest_json({**params, "code": code_version(*modules)})[:32]
+
+    def unused_parameters(self) -> set[str]:
+        """Fields this method never reads: a change to them must not recompute its masks."""
+        base, _, refine = self.method.partition("+")
+        unused = set()
+        if base != "sparsegpt":
+            unused |= {"blocksize", "percdamp"}
+        if refine != "dsnot":
+            unused |= {"dsnot_cycles", "dsnot_threshold", "dsnot_var_power"}
+        if base != "flap":
+            unused |= {"flap_structure", "flap_bias"}
+        else:
+            unused |= {"mask_inputs"}  # FLAP scores every block on the dense capture
+        return unused
 
     @property
     def structured(self) -> bool:

@@ -110,3 +110,22 @@ def test_statistics_stay_on_the_inputs_device():
     acc = LayerStats(8, hessian=True, device="meta")
     acc.add(torch.empty(2, 5, 8, device="meta"))
     assert all(t.device.type == "meta" for t in acc.as_kwargs().values())
+
+
+def test_the_mask_key_holds_only_the_parameters_the_method_reads():
+    from dataclasses import replace
+
+    from stages.pruning import MaskSpec
+
+    wanda = MaskSpec("model", "acts", method="wanda")
+    assert replace(wanda, percdamp=0.02, blocksize=64, dsnot_cycles=5,
+                   flap_structure="UL-UM").key() == wanda.key()
+    assert replace(wanda, sparsity=0.6).key() != wanda.key()
+    sparsegpt = MaskSpec("model", "acts", method="sparsegpt")
+    assert replace(sparsegpt, percdamp=0.02).key() != sparsegpt.key()
+    assert replace(sparsegpt, dsnot_cycles=5).key() == sparsegpt.key()
+    dsnot = MaskSpec("model", "acts", method="sparsegpt+dsnot")
+    assert replace(dsnot, dsnot_cycles=5).key() != dsnot.key()
+    flap = MaskSpec("model", "acts", method="flap", sparsity=0.2)
+    assert replace(flap, flap_bias=False).key() != flap.key()
+    assert replace(flap, mask_inputs="dense").key() == flap.key()
