@@ -147,13 +147,11 @@ def resources(root: Path, disk_bytes: int, memory_bytes: int) -> None:
 
 
 def available_memory() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    from store.usage import proc_bytes
+
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    return available if available is not None else \
+        os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def gib(n: int) -> str:

@@ -66,14 +66,19 @@ def _proc_io() -> tuple[int, int]:
         return 0, 0
 
 
-def _peak_rss() -> int:
+def proc_bytes(path: str, field: str) -> int | None:
+    """A ``Field:  N kB`` line of a /proc file (meminfo, status), in bytes; None if absent."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return None
+
+
+def _peak_rss() -> int:
+    return proc_bytes("/proc/self/status", "VmHWM") or 0
 
 
 def _reset_peak_rss() -> None:
