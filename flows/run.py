@@ -28,6 +28,7 @@ from stages.devices import DTYPES, resolve_device
 from stages.errors import UserError
 from stages.lora import LoraSettings
 from stages.model_source import ModelSource, load_model
+from stages.streaming import BlockLoader
 from store import Artifact, Store, digest_json
 
 FINETUNES = ("none", "ebft", "lora")
@@ -87,7 +88,7 @@ def masks_task(spec: pruning.MaskSpec, store_root: str, model: ModelSource, acti
 def block_task(spec: ebft.BlockSpec, store_root: str, model: ModelSource, activations: dict,
                masks: dict, device: str, chain: list, keep_boundaries: bool) -> dict:
     dtype = DTYPES[spec.dtype]
-    ctx = ebft.Context(Store(store_root), load_model(model, dtype), Artifact(**activations),
+    ctx = ebft.Context(Store(store_root), BlockLoader(model.path, dtype), Artifact(**activations),
                        Artifact(**masks), resolve_device(device), dtype)
     return ebft.build_block(ctx, chain, spec.index, keep_boundaries).to_dict()
 

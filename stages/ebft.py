@@ -17,7 +17,6 @@ Each block's key chains the key of the block before it, so it covers its input a
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import sys
@@ -30,11 +29,13 @@ from safetensors.torch import load_file, save_file
 import stages.architecture as arch
 import stages.block_training as training
 import store.activations as acts
+from stages import streaming
 from stages.block_training import TrainConfig
 from stages.capture import ZARR_NAME
 from stages.errors import UserError
 from stages.progress import logger
 from stages.pruning import apply_block, load_biases, load_masks, load_weights
+from stages.streaming import BlockLoader
 from store import Artifact, Store, code_version, digest_json
 
 BLOCK_FILE, RECORD_FILE = "block.safetensors", "record.json"
@@ -53,7 +54,7 @@ class BlockSpec:
     io_batch_size: int = 8
 
     def key(self) -> str:
-        modules = [sys.modules[__name__], training, arch, acts]
+        modules = [sys.modules[__name__], training, arch, acts, streaming]
         params = {k: v for k, v in asdict(self).items() if k != "io_batch_size"}
         return digest_json({**params, "code": code_version(*modules)})[:32]
 
@@ -67,12 +68,12 @@ def chain(n_blocks: int, **common) -> list[BlockSpec]:
 
 
 class Context:
-    """Everything a block needs besides its spec: the model, the stores, the device."""
+    """Everything a block needs besides its spec: its weights, one block at a time from the
+    model's files (never the whole model), the stores, the device."""
 
-    def __init__(self, store: Store, model, activations: Artifact, masks: Artifact,
-                 device: torch.device, dtype: torch.dtype):
-        self.store, self.model, self.device, self.dtype = store, model, device, dtype
-        self.blocks = arch.decoder_blocks(model)
+    def __init__(self, store: Store, loader: BlockLoader, activations: Artifact,
+                 masks: Artifact, device: torch.device, dtype: torch.dtype):
+        self.store, self.loader, self.device, self.dtype = store, loader, device, dtype
         self.dense = acts.open_group(Path(activations.path) / ZARR_NAME)
         self.n, self.seqlen, self.hidden = self.dense.attrs["shape"]
         self.masks, self.new_weights = load_masks(masks), load_weights(masks)
@@ -82,17 +83,21 @@ class Context:
     def kwargs_for(self, batch: int, dtype: torch.dtype | None = None) -> dict:
         dtype = dtype or self.dtype
         if (batch, dtype) not in self._kwargs:
-            self._kwargs[batch, dtype] = arch.block_kwargs(self.model, batch, self.seqlen,
-                                                          self.device, dtype)
+            self._kwargs[batch, dtype] = self.loader.block_kwargs(batch, self.seqlen,
+                                                                 self.device, dtype)
         return self._kwargs[batch, dtype]
 
     def keep(self, index: int) -> dict[str, torch.Tensor]:
-        names = arch.linear_layers(self.blocks[index])
+        names = arch.linear_layers(self.loader.template)  # every block has the same layers
         return {name: self.masks[f"{index}.{name}"] for name in names}
+
+    def dense_block(self, index: int):
+        """Block ``index`` as the dense model has it."""
+        return self.loader.block(index).to(self.device)
 
     def sparse_block(self, index: int):
         """Block ``index`` as the mask stage left it: new weights and biases, zeros applied."""
-        block = self.blocks[index]
+        block = self.loader.block(index)
         apply_block(block, index, self.masks, self.new_weights, self.biases)
         return block.to(self.device)
 
@@ -181,8 +186,7 @@ def build_block(ctx: Context, specs: list[BlockSpec], index: int,
     if found := ctx.store.get("ebft-block", key):
         return found
     source = input_source(ctx, specs, index)
-    dense_block = copy.deepcopy(ctx.blocks[index]).to(ctx.device) \
-        if spec.train.target == "dense-block" else None
+    dense_block = ctx.dense_block(index) if spec.train.target == "dense-block" else None
     block = ctx.sparse_block(index)
     cfg = spec.train
     n_holdout = cfg.holdout_count(ctx.n)

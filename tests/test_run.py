@@ -301,3 +301,22 @@ def test_prefect_yaml_deployment_parameters_are_valid_configs(monkeypatch):
     assert nightly["sweep"].base.zeroshot.tasks == ()
     paper = sweep_flow.validate_parameters(sweeps["llama2-7b-paper"]["parameters"])["sweep"]
     assert paper.base.dense.nsamples == 256 and paper.base.train.max_epochs == 10
+
+
+def test_no_block_task_loads_the_whole_model(prefect_server, tmp_path, model, data_dir,
+                                             monkeypatch):
+    """Whole-model loads in a run: one per stage that needs the model (capture, masks, three
+    perplexities, assembly), none for the EBFT blocks, however many there are."""
+    from transformers import AutoModelForCausalLM
+
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        loads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted))
+    report = run_flow(config(tmp_path / "store", model, data_dir))
+    assert report["states"]["ebft"] == "3 Completed"
+    assert len(loads) == 6, loads

@@ -1,0 +1,102 @@
+"""One decoder block at a time, straight from a model folder's safetensors files.
+
+A stage that works on block l needs block l's weights and the keyword arguments every
+block gets (rotary embeddings, mask), not the whole model: loading a 7B model in fp32 for
+each of its 32 block tasks reads it 32 times and does not fit a 24 GiB machine.
+``BlockLoader`` reads the config, finds which file holds each tensor (sharded checkpoints
+with ``model.safetensors.index.json`` included: every file's header is read), and builds
+block l from the model's own layer class with exactly its stored tensors. The keyword
+arguments come from a skeleton of the same model with one block and a tiny vocabulary, so
+they are whatever the model's own code makes them.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import stages.architecture as arch
+from stages.errors import UserError
+from store.usage import io_time
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: the safetensors file that holds it}, from the files' headers."""
+    where = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                where[name] = file
+    return where
+
+
+def skeleton(config) -> nn.Module:
+    """The model with one block and an 8-token vocabulary, for the blocks' keyword arguments:
+    built without initialising weights (its block is never run), its rotary embedding
+    rebuilt on the CPU so the positions are real."""
+    from transformers import AutoModelForCausalLM
+
+    small = config.to_dict()
+    small.update(num_hidden_layers=1, vocab_size=8)
+    if isinstance(small.get("layer_types"), list):
+        small["layer_types"] = small["layer_types"][:1]
+    small_config = type(config).from_dict(small)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(small_config, attn_implementation="sdpa")
+    model.to_empty(device="cpu")
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr,
+                    type(module)(config=small_config))
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+class BlockLoader:
+    """Blocks of one model folder, one at a time (see the module doc)."""
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype) -> None:
+        from transformers import AutoConfig
+
+        self.folder, self.dtype = Path(folder), dtype
+        self.config = AutoConfig.from_pretrained(self.folder)
+        self.files = tensor_files(self.folder)
+        self.skeleton = skeleton(self.config)
+        template = arch.decoder_blocks(self.skeleton)[0]
+        self.template = template
+        self.prefix = next(f"{name}." for name, module in self.skeleton.named_modules()
+                           if module is arch.decoder_blocks(self.skeleton)) + "0."
+        self.n_blocks = int(self.config.num_hidden_layers)
+
+    def block(self, index: int) -> nn.Module:
+        """Block ``index`` with its stored weights, in the loader's dtype, on the CPU."""
+        if not 0 <= index < self.n_blocks:
+            raise IndexError(f"block {index} of {self.n_blocks}")
+        prefix = self.prefix.removesuffix("0.") + f"{index}."
+        names = [n for n, _ in self.template.named_parameters()] + \
+            [n for n, _ in self.template.named_buffers() if f"{prefix}{n}" in self.files]
+        state = {}
+        with io_time():
+            for name in names:
+                path = self.files.get(prefix + name)
+                if path is None:
+                    raise UserError(f"{self.folder}: no tensor {prefix + name} in its "
+                                    "safetensors files; the checkpoint is incomplete")
+                with safe_open(str(path), "pt") as f:
+                    state[name] = f.get_tensor(prefix + name).to(self.dtype)
+        block = copy.deepcopy(self.template)
+        block.load_state_dict(state, strict=False, assign=True)
+        for module in block.modules():  # the layer's own index (attention caches use it)
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+        return block.to(self.dtype).eval()
+
+    def block_kwargs(self, batch: int, seqlen: int, device: torch.device,
+                     dtype: torch.dtype) -> dict:
+        return arch.block_kwargs(self.skeleton, batch, seqlen, device, dtype)
