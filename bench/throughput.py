@@ -18,7 +18,6 @@ Prints a Markdown table and writes JSON (``--out``); ``--profile`` also prints t
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -33,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--store", default=os.environ.get("EBFT_STORE", ".ebft-store"))
     parser.add_argument("--blocks", default="0,14,29", help="comma list of block indices")
     parser.add_argument("--batch", type=int, default=2, help="sequences per step (default run)")
     parser.add_argument("--seqlen", type=int, default=1024)
@@ -117,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     from stages.devices import resolve_device
     from stages.masks import parse_pattern, sparsify
     from stages.model_source import load_model, resolve_model
-    from store import Store
 
     device = resolve_device(args.device)
     precisions = args.precisions.split(",")
@@ -127,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         peaks[p], peak_sizes[p] = matmul_peak(args.matmul_size, dtypes[p], device)
         print(f"matmul peak {p} ({peak_sizes[p]}^2): {peaks[p] / 1e9:.1f} GFLOP/s", flush=True)
 
-    store = Store(args.store)
-    model = load_model(resolve_model(args.model, store), torch.float32)
+    model = load_model(resolve_model(args.model), torch.float32)
     blocks = arch.decoder_blocks(model)
     hidden = model.config.hidden_size
     kwargs = arch.block_kwargs(model, args.batch, args.seqlen, device, torch.float32)

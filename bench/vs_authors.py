@@ -88,12 +88,11 @@ def setup(args: argparse.Namespace):
     from stages.masks import parse_pattern, sparsify
     from stages.model_source import load_model, resolve_model
     from stages.pruning import collect_stats
-    from store import Store
 
     capture = Path(args.activations) if args.activations else newest_capture(Path(args.store))
     group = acts.open_group(capture)
     n, seqlen, _hidden = group.attrs["shape"]
-    model = load_model(resolve_model(args.model, Store(args.store)), torch.float32)
+    model = load_model(resolve_model(args.model), torch.float32)
     block = arch.decoder_blocks(model)[args.block]
     cache: dict[int, dict] = {}
 

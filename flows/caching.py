@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -112,9 +113,7 @@ class StageLog:
 
     def record(self, name: str, states: list[State], seconds: float) -> None:
         """One stage made of several tasks (EBFT's blocks) counts as their sum."""
-        counts: dict[str, int] = {}
-        for state in states:
-            counts[state.name] = counts.get(state.name, 0) + 1
+        counts = Counter(state.name for state in states)
         self.states[name] = states[0].name if len(states) == 1 else \
             ", ".join(f"{n} {state}" for state, n in counts.items())
         self.seconds[name] = round(seconds, 1)

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from collections import Counter
 
 from stages.errors import UserError
 from store import StoreFull, StoreLocationError
@@ -128,14 +129,17 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ebft", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    dense = sub.add_parser("dense", allow_abbrev=False, help="calibrate, capture dense activations, perplexity")
+    dense = sub.add_parser("dense", allow_abbrev=False,
+                           help="calibrate, capture dense activations, perplexity")
     add_dense_flags(dense)
-    run = sub.add_parser("run", allow_abbrev=False, help="the whole pipeline: prune, fine-tune, assemble, evaluate")
+    run = sub.add_parser("run", allow_abbrev=False,
+                         help="the whole pipeline: prune, fine-tune, assemble, evaluate")
     add_dense_flags(run)
     add_run_flags(run)
     # Taken from the preset. Not a string, so argparse does not run it through the flag's type.
     run.set_defaults(nsamples=None, eval_windows=FROM_PRESET)
-    sweep = sub.add_parser("sweep", allow_abbrev=False, help="a grid of configurations sharing cached stages")
+    sweep = sub.add_parser("sweep", allow_abbrev=False,
+                           help="a grid of configurations sharing cached stages")
     add_dense_flags(sweep)
     add_run_flags(sweep)
     add_sweep_flags(sweep)
@@ -143,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", allow_abbrev=False,
                             help="re-hash every artifact in the store against its digest")
     verify.add_argument("--store", default=os.environ.get("EBFT_STORE", ".ebft-store"))
-    report = sub.add_parser("report", allow_abbrev=False, help="rebuild a sweep's tables from stored run reports")
+    report = sub.add_parser("report", allow_abbrev=False,
+                            help="rebuild a sweep's tables from stored run reports")
     report.add_argument("--store", default=os.environ.get("EBFT_STORE", ".ebft-store"))
     report.add_argument("--sweep", default=None,
                         help="a sweep key (sweeps/<key>/); default: every run report in the store")
@@ -200,10 +205,7 @@ def _finished_so_far() -> str:
 
     if not FINISHED:
         return "No stage had finished."
-    counts: dict[str, int] = {}
-    for kind in FINISHED:
-        counts[kind] = counts.get(kind, 0) + 1
-    done = ", ".join(k if n == 1 else f"{n} {k}" for k, n in counts.items())
+    done = ", ".join(k if n == 1 else f"{n} {k}" for k, n in Counter(FINISHED).items())
     return f"Finished stages are kept in the store: {done}."
 
 
@@ -292,17 +294,13 @@ def refuse_ignored_flags(args: argparse.Namespace, given: set[str]) -> None:
                    "--tune mask trains scores at --mask-lr, the weights stay frozen")
         else:
             refuse(("--mask-lr",), "it is the score learning rate of --tune mask")
-    base, _, refine = args.method.partition("+")
-    if base != "sparsegpt":
-        refuse(("--blocksize", "--percdamp"), f"they are SparseGPT's, not {base}'s")
-    if refine != "dsnot":
-        refuse(("--dsnot-cycles", "--dsnot-threshold", "--dsnot-var-power"),
-               f"they are DSnoT's, and --method {args.method} has no +dsnot")
-    if base != "flap":
-        refuse(("--flap-structure", "--flap-bias"),
-               f"they are FLAP's, and --method is {args.method}")
-    else:
-        refuse(("--mask-inputs",), "FLAP scores every block on the dense capture")
+    from stages.pruning import MaskSpec
+
+    by_reason: dict[str, list[str]] = {}  # the mask key's own list of what a method ignores
+    for name, why in MaskSpec("", "", method=args.method).unused_parameters().items():
+        by_reason.setdefault(why, []).append("--" + name.replace("_", "-"))
+    for why, flags in by_reason.items():
+        refuse(flags, why)
 
 
 def run_config(args: argparse.Namespace):

@@ -104,7 +104,8 @@ class Inputs(NamedTuple):
 
 def prepare_dense(cfg: DenseConfig) -> Inputs:
     """Resolve and check every input, cheapest first; raises a one-line UserError before
-    any stage runs, and writes nothing but the default model's one-time conversion."""
+    any stage runs, and writes nothing to the store (the default model's one-time
+    conversion goes to this machine's cache)."""
     check_dense_flags(cfg)
     store = Store(cfg.store)
     directory = data.data_dir(cfg.data_dir)
@@ -114,7 +115,7 @@ def prepare_dense(cfg: DenseConfig) -> Inputs:
     context = declared_context(cfg.model)  # before the default model is converted
     calibration.validate(cfg.nsamples, cfg.seqlen, context)
     calibration.validate(1, cfg.eval_seqlen, context, "--eval-seqlen")
-    model = resolve_model(cfg.model, store)
+    model = resolve_model(cfg.model)
     config = checks.model_config(Path(model.path))
     context = config.get("max_position_embeddings")
     calibration.validate(cfg.nsamples, cfg.seqlen, context)

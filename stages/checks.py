@@ -117,13 +117,18 @@ def text_file(path: Path, what: str) -> str:
 
 # ---- where the run writes, and what it needs ---------------------------------------------
 
+def nearest_existing(path: Path) -> Path:
+    """The path itself, or its closest ancestor that exists (where it would be created)."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def store_location(root: Path) -> None:
     """The store is a folder we can create and write in."""
     if root.exists() and not root.is_dir():
         raise UserError(f"--store {root} is a file; pass a folder (it is created if missing)")
-    existing = root
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(root)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--store {root}: {existing} is not writable; pass a folder you can "
                         "write to")
@@ -131,9 +136,7 @@ def store_location(root: Path) -> None:
 
 def resources(root: Path, disk_bytes: int, memory_bytes: int) -> None:
     """Refuse a run that cannot fit the store's free disk or the free memory."""
-    existing = root
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(root)
     free_disk = shutil.disk_usage(existing).free
     if disk_bytes > free_disk:
         raise UserError(f"this run needs about {gib(disk_bytes)} in the store and "

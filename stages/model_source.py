@@ -33,9 +33,9 @@ class ModelSource:
     digest: str  # digest of weights, config and tokenizer
 
 
-def resolve_model(name: str, store: Store) -> ModelSource:
+def resolve_model(name: str) -> ModelSource:
     if name == DEFAULT_MODEL:
-        folder = _converted_default(store)
+        folder = _converted_default()
     elif Path(name).expanduser().exists():
         folder = Path(name).expanduser().resolve()
         if not (folder / "config.json").is_file():
@@ -46,7 +46,7 @@ def resolve_model(name: str, store: Store) -> ModelSource:
     else:
         raise UserError(f"model {name!r}: no such folder and not a hub id (org/name); pass a "
                         f"Hugging Face model folder, a hub id, or {DEFAULT_MODEL}")
-    return ModelSource(name, str(folder), model_digest(folder, store))
+    return ModelSource(name, str(folder), model_digest(folder))
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -54,13 +54,13 @@ def model_files(folder: Path) -> list[Path]:
     return sorted(files)
 
 
-def model_digest(folder: Path, store: Store) -> str:
+def model_digest(folder: Path) -> str:
     """Digest of the model's files; each file's digest is remembered by (path, size, mtime)."""
     files = model_files(Path(folder))
     if not any(f.suffix == ".safetensors" for f in files):
         raise UserError(f"model folder {folder} has no *.safetensors weights; save the model "
                         "with save_pretrained(safe_serialization=True)")
-    parts = [f"{f.name}:{_cached_file_digest(f, store)}" for f in files]
+    parts = [f"{f.name}:{_cached_file_digest(f)}" for f in files]
     return digest_bytes("\n".join(parts).encode())
 
 
@@ -75,7 +75,7 @@ def digest_memo_dir() -> Path:
     return machine_cache() / "file-digests"
 
 
-def _cached_file_digest(path: Path, store: Store | None = None) -> str:
+def _cached_file_digest(path: Path) -> str:
     stat = path.stat()
     stamp = digest_bytes(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     memo = digest_memo_dir() / f"{stamp}.txt"
@@ -117,13 +117,13 @@ def default_gguf() -> Path:
     raise UserError(f"no .gguf file inside the installed {_GGUF_PACKAGE}; reinstall it")
 
 
-def _converted_default(store: Store) -> Path:
+def _converted_default() -> Path:
     """Convert the GGUF once into a plain safetensors folder kept in this machine's cache
     (a content-keyed, verified artifact like any other), so checks that need the model's
     shapes can run before anything is written to the store."""
     store = Store(machine_cache())
     gguf = default_gguf()
-    key = _cached_file_digest(gguf, store)[:32]
+    key = _cached_file_digest(gguf)[:32]
     found = store.checked("models", key)  # a corrupted conversion is deleted and redone
     if found:
         return Path(found.path)

@@ -78,18 +78,23 @@ class MaskSpec:
         params = {k: v for k, v in asdict(self).items() if k not in unused}
         return digest_json({**params, "code": code_version(*modules)})[:32]
 
-    def unused_parameters(self) -> set[str]:
-        """Fields this method never reads: a change to them must not recompute its masks."""
+    def unused_parameters(self) -> dict[str, str]:
+        """Fields this method never reads, each with why: a change to them must not
+        recompute its masks, and the CLI refuses them as flags that would be ignored."""
         base, _, refine = self.method.partition("+")
-        unused = set()
+        unused = {}
         if base != "sparsegpt":
-            unused |= {"blocksize", "percdamp"}
+            unused |= dict.fromkeys(("blocksize", "percdamp"),
+                                    f"they are SparseGPT's, not {base}'s")
         if refine != "dsnot":
-            unused |= {"dsnot_cycles", "dsnot_threshold", "dsnot_var_power"}
+            unused |= dict.fromkeys(("dsnot_cycles", "dsnot_threshold", "dsnot_var_power"),
+                                    f"they are DSnoT's, and --method {self.method} has no "
+                                    "+dsnot")
         if base != "flap":
-            unused |= {"flap_structure", "flap_bias"}
+            unused |= dict.fromkeys(("flap_structure", "flap_bias"),
+                                    f"they are FLAP's, and --method is {self.method}")
         else:
-            unused |= {"mask_inputs"}  # FLAP scores every block on the dense capture
+            unused["mask_inputs"] = "FLAP scores every block on the dense capture"
         return unused
 
     @property

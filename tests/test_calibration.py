@@ -41,7 +41,7 @@ def test_nonsense_parameters_are_rejected(nsamples, seqlen, match):
 
 def test_build_stores_tokens_under_content_key(tmp_path, tiny_model, data_dir):
     store = Store(tmp_path)
-    model = resolve_model(str(tiny_model), store)
+    model = resolve_model(str(tiny_model))
     corpus = data.c4_documents(data_dir)
     spec = calibration.CalibrationSpec(corpus.digest, tokenizer_digest(model), 6, 64, 0)
     art = calibration.build(store, spec, corpus.texts, load_tokenizer(model))

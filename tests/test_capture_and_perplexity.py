@@ -8,7 +8,6 @@ import stages.architecture as arch
 import store.activations as acts
 from stages import capture, perplexity
 from stages.model_source import load_model, resolve_model
-from store import Store
 
 
 def direct_block_outputs(model, ids):
@@ -27,7 +26,7 @@ def direct_block_outputs(model, ids):
 
 @pytest.mark.parametrize("storage", [torch.float16, torch.bfloat16])
 def test_zarr_boundaries_equal_a_direct_forward_pass(tmp_path, tiny_model, storage):
-    model = load_model(resolve_model(str(tiny_model), Store(tmp_path)), torch.float32)
+    model = load_model(resolve_model(str(tiny_model)), torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (5, 32), generator=torch.Generator().manual_seed(0))
     out = tmp_path / "acts.zarr"
     capture.capture_dense(model, ids, out, torch.device("cpu"), torch.float32, storage,
@@ -60,7 +59,7 @@ def test_blocks_run_one_at_a_time_match_the_model(tmp_path, kind):
 
 
 def test_perplexity_matches_a_direct_computation(tmp_path, tiny_model):
-    model = load_model(resolve_model(str(tiny_model), Store(tmp_path)), torch.float32)
+    model = load_model(resolve_model(str(tiny_model)), torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (1, 100), generator=torch.Generator().manual_seed(1))
     windows = perplexity.token_windows(ids, seqlen=30)
     assert windows.shape == (3, 30)  # the 10-token tail is dropped
