@@ -85,9 +85,9 @@ def setup(args: argparse.Namespace):
     """The block, its Wanda 50% keep-masks, the dense inputs/targets, and the row split."""
     import stages.architecture as arch
     import store.activations as acts
+    from stages.block_stats import collect_stats
     from stages.masks import parse_pattern, sparsify
     from stages.model_source import load_model, resolve_model
-    from stages.pruning import collect_stats
 
     capture = Path(args.activations) if args.activations else newest_capture(Path(args.store))
     group = acts.open_group(capture)

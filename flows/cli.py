@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -11,119 +12,146 @@ from collections import Counter
 from stages.errors import UserError
 from store import StoreFull, StoreLocationError
 
-
-def _count_or_all(value: str) -> int | None:
-    return None if value == "all" else int(value)
+FROM_CONFIG = argparse.SUPPRESS  # a flag left out takes the configuration's value
 
 
-# The default run is sized to finish in about 15 minutes on a 2-core CPU; "paper" is the
-# paper's setting (256 x 1024 C4 windows, up to 10 epochs at lr 2e-4, full Wikitext-2 test
-# set). Our default lr is 1e-3: it reaches a much lower block loss (bench/vs_authors.py).
-FROM_PRESET = object()  # marks a flag the user left to the preset
-PRESETS = {
-    "default": {"nsamples": 16, "epochs": 2, "train_batch_size": 2, "eval_windows": 4,
-                "lr": 1e-3},
-    "paper": {"nsamples": 256, "epochs": 10, "train_batch_size": 8, "eval_windows": None,
-              "lr": 2e-4},
-}
+@functools.cache
+def defaults() -> dict[str, object]:
+    """Each configuration path's default (for --help), from the config, the one source."""
+    from flows.config import RunConfig, config_paths
+
+    cfg = RunConfig()
+    values = {}
+    for path in config_paths(cfg):
+        value = cfg
+        for part in path.split("."):
+            value = getattr(value, part)
+        values[path] = value
+    return values
 
 
-def add_dense_flags(dense: argparse.ArgumentParser) -> None:
-    dense.add_argument("--model", default="smollm2-135m",
-                       help="hub id, local Hugging Face folder, or smollm2-135m (built in)")
-    dense.add_argument("--store", default=os.environ.get("EBFT_STORE", ".ebft-store"),
-                       help="artifact store folder (env EBFT_STORE)")
-    dense.add_argument("--data-dir", default=None,
-                       help="data folder laid out like shared/data (env EBFT_DATA_DIR)")
-    dense.add_argument("--nsamples", type=int, default=256, help="calibration windows")
-    dense.add_argument("--seqlen", type=int, default=1024, help="calibration window length")
-    dense.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    dense.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window")
-    dense.add_argument("--eval-windows", type=_count_or_all, default=None,
-                       help="evaluate only the first N windows (quick estimate); default all")
-    dense.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    dense.add_argument("--dtype", default="auto",
-                       help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
-    dense.add_argument("--batch-size", type=int, default=8,
-                       help="batch size of inference passes (capture, masks, boundaries)")
+def option(group, flag: str, path: str, help: str, **kwargs) -> None:
+    """A flag that sets the configuration field ``path``. It has no default of its own:
+    left out, the field keeps the config's value (or the preset's), shown in --help."""
+    default = defaults()[path]
+    shown = ("all" if path.endswith("windows") else "none") if default is None else default
+    if "action" not in kwargs:
+        kwargs["metavar"] = path.rsplit(".", 1)[-1].upper()
+    if isinstance(shown, bool):
+        shown = "on" if shown else "off"
+    if isinstance(shown, tuple):
+        shown = ",".join(shown) or "none"
+    FLAG_OF[path] = flag
+    group.add_argument(flag, dest=f"{SET}{path}", default=FROM_CONFIG,
+                       help=f"{help} (default: {shown})", **kwargs)
+
+
+SET = "set:"  # argparse dest prefix of the flags that set a configuration field
+FLAG_OF: dict[str, str] = {}  # configuration path -> its flag, filled as the parser is built
+
+
+def add_dense_flags(parser: argparse.ArgumentParser) -> None:
+    dense = parser.add_argument_group("model, data and the dense stages")
+    option(dense, "--model", "dense.model",
+           "hub id, local Hugging Face folder, or smollm2-135m (built in)")
+    option(dense, "--store", "dense.store", "artifact store folder (env EBFT_STORE)")
+    option(dense, "--data-dir", "dense.data_dir",
+           "data folder laid out like shared/data (env EBFT_DATA_DIR)")
+    option(dense, "--nsamples", "dense.nsamples", "calibration windows")
+    option(dense, "--seqlen", "dense.seqlen", "calibration window length")
+    option(dense, "--seed", "dense.seed", "calibration sampling seed")
+    option(dense, "--eval-seqlen", "dense.eval_seqlen", "perplexity window")
+    option(dense, "--eval-windows", "dense.eval_windows",
+           "evaluate the first N Wikitext-2 test windows, or all")
+    option(dense, "--device", "dense.device", "auto, cpu, cuda or cuda:N")
+    option(dense, "--dtype", "dense.dtype",
+           "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+    option(dense, "--batch-size", "dense.batch_size",
+           "batch size of inference passes (capture, masks, boundaries)")
+    config = parser.add_argument_group("configuration")
+    config.add_argument("--preset", default="default",
+                        help="default (~15 min on a 2-core CPU) or paper (the paper's "
+                             "settings): a partial configuration the flags override")
+    config.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="set any configuration field, e.g. --set train.tolerance=0.02 "
+                             "(repeatable; the sections are dense, prune, train, lora, "
+                             "zeroshot; see flows/config.py)")
+
+
+def add_method_flags(prune) -> None:
+    """One flag per parameter of every registered mask method, from its dataclass."""
+    from dataclasses import fields
+
+    from stages.masks import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        for f in fields(cls):
+            option(prune, cls.flag(f.name), f"prune.{name}.{f.name}",
+                   f"{cls.__name__}: {f.metadata.get('help', f.name)}")
 
 
 def add_run_flags(run: argparse.ArgumentParser) -> None:
+    from stages.masks import method_names
+
     prune = run.add_argument_group("pruning (the mask stage)")
-    prune.add_argument("--method", default="wanda",
-                       help="magnitude, wanda, sparsegpt, each optionally +dsnot (e.g. "
-                            "wanda+dsnot); flap (structured: whole heads and MLP channels)")
-    prune.add_argument("--sparsity", type=float, default=0.5,
-                       help="fraction of weights pruned in every linear layer of every block "
-                            "(flap: of all block weights together)")
-    prune.add_argument("--pattern", default=None, help="N:M semi-structured, e.g. 2:4 or 4:8")
-    prune.add_argument("--mask-inputs", default="sequential", choices=None,
-                       help="sequential (pruned path, default) or dense (shared dense capture)")
-    prune.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
-    prune.add_argument("--percdamp", type=float, default=0.01,
-                       help="SparseGPT dampening, fraction of the mean Hessian diagonal")
-    prune.add_argument("--dsnot-cycles", type=int, default=50, help="DSnoT max cycles")
-    prune.add_argument("--dsnot-threshold", type=float, default=0.1,
-                       help="DSnoT update threshold")
-    prune.add_argument("--dsnot-var-power", type=float, default=1.0,
-                       help="DSnoT power of the input variance in the regrowing score")
-    prune.add_argument("--flap-structure", default="AL-AM",
-                       help="FLAP: AL-AM (global ranking, per-layer widths) or UL-UM (the same "
-                            "share in every layer)")
-    prune.add_argument("--flap-bias", default="on", choices=("on", "off"),
-                       help="FLAP bias compensation for the removed channels")
+    option(prune, "--method", "prune.method",
+           f"{', '.join(method_names())} (+dsnot: DSnoT reselection on top; flap: whole "
+           "heads and MLP channels)")
+    option(prune, "--sparsity", "prune.sparsity",
+           "fraction of weights pruned in every linear layer of every block (flap: of all "
+           "block weights together)")
+    option(prune, "--pattern", "prune.pattern", "N:M semi-structured, e.g. 2:4 or 4:8")
+    option(prune, "--mask-inputs", "prune.mask_inputs",
+           "sequential (pruned path) or dense (shared dense capture)")
+    add_method_flags(prune)
     tune = run.add_argument_group("fine-tuning (EBFT, one cached task per block)")
-    tune.add_argument("--finetune", default="ebft",
-                      help="ebft, lora (LoRA on the whole pruned model, the paper's baseline), "
-                           "or none (pruned model only)")
-    tune.add_argument("--tune", default="weights", help="weights (EBFT) or mask (Section 4.5)")
-    tune.add_argument("--target", default="dense-output",
-                      help="dense-output (Eq. 4, from the dense capture) or dense-block "
-                           "(dense block on the sparse input, as the authors' code)")
-    tune.add_argument("--lr", type=float, default=None,
-                      help="AdamW learning rate of the weights (preset default: 1e-3; "
-                           "paper: the paper's 2e-4)")
-    tune.add_argument("--mask-lr", type=float, default=5e-3, help="learning rate of scores")
-    tune.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    tune.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    tune.add_argument("--max-grad-norm", type=float, default=1.0,
-                      help="clip each step's gradient norm to this (0: off)")
-    tune.add_argument("--train-batch-size", type=int, default=None, help="samples per step")
-    tune.add_argument("--epochs", type=int, default=None, help="maximum epochs per block")
-    tune.add_argument("--tolerance", type=float, default=0.01,
-                      help="early stop when an epoch improves the held-out loss by less "
-                           "than this fraction")
-    tune.add_argument("--holdout", type=float, default=0.0625,
-                      help="fraction of calibration samples held out to judge convergence")
-    tune.add_argument("--autocast", default="auto", help="auto, bfloat16 or none")
-    tune.add_argument("--train-seed", type=int, default=0, help="shuffling seed")
-    tune.add_argument("--train-norms", action="store_true",
-                      help="also train each block's norm scales (as the authors' code does)")
+    option(tune, "--finetune", "finetune",
+           "ebft, lora (LoRA on the whole pruned model, the paper's baseline), or none")
+    option(tune, "--tune", "train.tune", "weights (EBFT) or mask (Section 4.5)")
+    option(tune, "--target", "train.target",
+           "dense-output (Eq. 4, from the dense capture) or dense-block (dense block on the "
+           "sparse input, as the authors' code)")
+    option(tune, "--lr", "train.lr", "AdamW learning rate of the weights (paper: 2e-4)")
+    option(tune, "--mask-lr", "train.mask_lr", "learning rate of the scores (--tune mask)")
+    tune.add_argument("--betas", nargs=2, default=FROM_CONFIG, metavar=("BETA1", "BETA2"),
+                      help="AdamW betas (default: 0.9 0.95)")
+    option(tune, "--weight-decay", "train.weight_decay", "AdamW weight decay")
+    option(tune, "--max-grad-norm", "train.max_grad_norm",
+           "clip each step's gradient norm to this (0: off)")
+    option(tune, "--train-batch-size", "train.batch_size", "samples per step")
+    option(tune, "--epochs", "train.max_epochs", "maximum epochs per block")
+    option(tune, "--tolerance", "train.tolerance",
+           "early stop when an epoch improves the held-out loss by less than this fraction")
+    option(tune, "--holdout", "train.holdout",
+           "fraction of calibration samples held out to judge convergence")
+    option(tune, "--autocast", "train.autocast", "auto, bfloat16 or none")
+    option(tune, "--train-seed", "train.seed", "shuffling seed")
+    option(tune, "--train-norms", "train.train_norms",
+           "also train each block's norm scales (as the authors' code does)",
+           action="store_const", const="on")
     adapters = run.add_argument_group("LoRA baseline (--finetune lora, peft)")
-    adapters.add_argument("--lora-rank", type=int, default=8, help="adapter rank")
-    adapters.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale alpha")
-    adapters.add_argument("--lora-dropout", type=float, default=0.05, help="adapter dropout")
-    adapters.add_argument("--lora-lr", type=float, default=1e-4,
-                          help="AdamW learning rate (the paper's: 1e-4)")
-    adapters.add_argument("--lora-epochs", type=int, default=2, help="epochs over the data")
-    adapters.add_argument("--lora-batch-size", type=int, default=2, help="sequences per step")
+    option(adapters, "--lora-rank", "lora.rank", "adapter rank")
+    option(adapters, "--lora-alpha", "lora.alpha", "adapter scale alpha")
+    option(adapters, "--lora-dropout", "lora.dropout", "adapter dropout")
+    option(adapters, "--lora-lr", "lora.lr", "AdamW learning rate (the paper's: 1e-4)")
+    option(adapters, "--lora-epochs", "lora.epochs", "epochs over the data")
+    option(adapters, "--lora-batch-size", "lora.batch_size", "sequences per step")
     evals = run.add_argument_group("zero-shot evaluation (lm-evaluation-harness)")
-    evals.add_argument("--tasks", default="",
-                       help="all, paper, or a comma list (piqa,arc_easy,arc_challenge,"
-                            "hellaswag,winogrande,boolq,openbookqa,lambada_openai,storycloze);"
-                            " default none")
-    evals.add_argument("--zeroshot-limit", type=int, default=None,
-                       help="evaluate only the first N documents of each task (quick runs)")
-    evals.add_argument("--zeroshot-batch-size", type=int, default=16, help="harness batch size")
-    run.add_argument("--form", default="masked",
-                     help="saved model: masked (original shapes, zeros) or compact (flap only: "
-                          "heads and channels physically removed)")
-    run.add_argument("--save-dtype", default="auto",
-                     help="dtype of the saved model: auto (compute dtype), float32, bfloat16")
-    run.add_argument("--keep-boundaries", action="store_true",
-                     help="keep every block's calibration outputs in the store")
-    run.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                     help="default: ~15 min on a 2-core CPU; paper: the paper's settings")
+    option(evals, "--tasks", "zeroshot.tasks",
+           "all, paper, or a comma list (piqa,arc_easy,arc_challenge,hellaswag,winogrande,"
+           "boolq,openbookqa,lambada_openai,storycloze)")
+    option(evals, "--zeroshot-limit", "zeroshot.limit",
+           "evaluate only the first N documents of each task (quick runs)")
+    option(evals, "--zeroshot-batch-size", "zeroshot.batch_size", "harness batch size")
+    saved = run.add_argument_group("the saved model")
+    option(saved, "--form", "form",
+           "masked (original shapes, zeros) or compact (flap only: heads and channels "
+           "physically removed)")
+    option(saved, "--save-dtype", "save_dtype",
+           "dtype of the saved model: auto (compute dtype), float32, bfloat16")
+    option(saved, "--keep-boundaries", "keep_boundaries",
+           "keep every block's calibration outputs in the store",
+           action="store_const", const="on")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,14 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the whole pipeline: prune, fine-tune, assemble, evaluate")
     add_dense_flags(run)
     add_run_flags(run)
-    # Taken from the preset. Not a string, so argparse does not run it through the flag's type.
-    run.set_defaults(nsamples=None, eval_windows=FROM_PRESET)
     sweep = sub.add_parser("sweep", allow_abbrev=False,
                            help="a grid of configurations sharing cached stages")
     add_dense_flags(sweep)
     add_run_flags(sweep)
     add_sweep_flags(sweep)
-    sweep.set_defaults(nsamples=None, eval_windows=FROM_PRESET)
     verify = sub.add_parser("verify", allow_abbrev=False,
                             help="re-hash every artifact in the store against its digest")
     verify.add_argument("--store", default=os.environ.get("EBFT_STORE", ".ebft-store"))
@@ -157,26 +182,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_sweep_flags(sweep: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from flows.sweep import SweepConfig
+
+    shown = {f.name: f.default for f in fields(SweepConfig) if f.name != "base"}
+
+    def grid_flag(flag: str, name: str, help: str) -> None:
+        value = shown[name]
+        value = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        grid.add_argument(flag, dest=f"grid:{name}", default=FROM_CONFIG,
+                          help=f"{help} (default: {value if value not in ('', None) else '-'})")
+
     grid = sweep.add_argument_group("the grid (each a comma list; other flags set the base)")
-    grid.add_argument("--models", default="", help="models (default: --model)")
-    grid.add_argument("--methods", default="magnitude,wanda,sparsegpt")
-    grid.add_argument("--sparsities", default="0.5,0.6,0.7", help="ratios and/or N:M patterns")
-    grid.add_argument("--finetunes", default="none,dsnot,ebft",
-                      help="none, ebft, dsnot (the method + DSnoT), mask (EBFT mask tuning)")
-    grid.add_argument("--nsamples-grid", default="",
-                      help="calibration sizes, e.g. 8,16,32 (default: --nsamples)")
-    grid.add_argument("--parallel", type=int, default=1,
-                      help="configurations at once on the thread task runner")
-    grid.add_argument("--task-runner", default="threads",
-                      help="threads, dask (prefect-dask) or ray (prefect-ray)")
-    grid.add_argument("--address", default=None,
-                      help="address of an existing Dask scheduler or Ray cluster")
+    grid_flag("--models", "models", "models (empty: --model)")
+    grid_flag("--methods", "methods", "mask methods")
+    grid_flag("--sparsities", "sparsities", "ratios and/or N:M patterns")
+    grid_flag("--finetunes", "finetunes",
+              "recoveries: none, ebft, dsnot (the method + DSnoT), mask (EBFT mask tuning), lora")
+    grid_flag("--nsamples-grid", "nsamples", "calibration sizes, e.g. 8,16,32 (empty: --nsamples)")
+    grid_flag("--parallel", "parallel", "configurations at once on the thread task runner")
+    grid_flag("--task-runner", "task_runner", "threads, dask (prefect-dask) or ray (prefect-ray)")
+    grid_flag("--address", "address", "address of an existing Dask scheduler or Ray cluster")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    args.given = given_flags(argv)
     try:
         if args.command == "report":
             return _report(args)
@@ -218,11 +250,49 @@ def prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def _dense_config(args: argparse.Namespace):
-    from flows.dense import DenseConfig
+def settings(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
+    """What the command line sets: config path -> (how it was given, value). Flags come
+    as strings, converted here to the field's type, so a bad value names its flag."""
+    from flows.config import config_paths, convert
 
-    fields = DenseConfig.__dataclass_fields__
-    return DenseConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    hints = config_paths()
+    given: dict[str, tuple[str, object]] = {}
+    for dest, raw in vars(args).items():
+        if dest.startswith(SET):
+            path = dest.removeprefix(SET)
+            flag = FLAG_OF[path]
+            given[path] = (flag, convert_flag(flag, raw, hints[path], convert))
+    if getattr(args, "betas", FROM_CONFIG) is not FROM_CONFIG:
+        for path, raw in zip(("train.beta1", "train.beta2"), args.betas, strict=True):
+            given[path] = ("--betas", convert(raw, float, "--betas"))
+    for assignment in args.set:
+        path, sep, raw = assignment.partition("=")
+        if not sep or not path:
+            raise UserError(f"--set {assignment!r}: write SECTION.FIELD=VALUE, e.g. "
+                            "--set train.tolerance=0.02")
+        if path not in hints:
+            near = [p for p in hints if p.split(".")[-1] == path.split(".")[-1]]
+            raise UserError(f"--set {path}: no such setting" +
+                            (f"; did you mean {' or '.join(near)}?" if near else
+                             "; the settings are the fields of flows/config.py"))
+        given[path] = (f"--set {path}", convert_flag(f"--set {path}", raw, hints[path], convert))
+    return given
+
+
+def convert_flag(flag: str, raw: str, hint, convert):
+    if flag == "--tasks":
+        from stages.zeroshot import parse_tasks
+
+        return parse_tasks(raw) if raw else ()
+    return convert(raw, hint, flag)
+
+
+def config_of(args: argparse.Namespace):
+    """The RunConfig a command line means: defaults, then its --preset, then its flags."""
+    from flows.config import build_config
+
+    return build_config(args.preset, {path: value for path, (_, value)
+                                      in settings(args).items()})
 
 
 def _finish(state) -> dict | None:
@@ -240,7 +310,7 @@ def _dense(args: argparse.Namespace) -> int:
     from flows.dense import dense_flow, prepare
     from flows.server import prefect_api
 
-    cfg = _dense_config(args)
+    cfg = config_of(args).dense
     start = time.monotonic()
     prepare(cfg)  # bad input fails here, in one line, before Prefect starts
     with prefect_api():
@@ -260,90 +330,47 @@ def _dense(args: argparse.Namespace) -> int:
     return 0
 
 
-EBFT_FLAGS = ("--tune", "--target", "--lr", "--mask-lr", "--betas", "--weight-decay",
-              "--max-grad-norm", "--train-batch-size", "--epochs", "--tolerance", "--holdout",
-              "--autocast", "--train-seed", "--train-norms")
-LORA_FLAGS = ("--lora-rank", "--lora-alpha", "--lora-dropout", "--lora-lr", "--lora-epochs",
-              "--lora-batch-size")
+def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
+    """A setting the configuration would silently ignore is an error naming it."""
+    from stages.masks import METHODS, is_structured
 
-
-def given_flags(argv: list[str]) -> set[str]:
-    """The long options written on the command line (abbreviations are off)."""
-    return {token.split("=", 1)[0] for token in argv if token.startswith("--")}
-
-
-def refuse_ignored_flags(args: argparse.Namespace, given: set[str]) -> None:
-    """A flag the configuration would silently ignore is an error naming it."""
-    def refuse(flags, why: str) -> None:
-        ignored = sorted(given & set(flags))
+    def refuse(paths, why: str) -> None:
+        ignored = sorted(given[p][0] for p in given if any(
+            p == x or p.startswith(x + ".") for x in paths))
         if ignored:
             raise UserError(f"{', '.join(ignored)} would be ignored: {why}; drop "
                             f"{'it' if len(ignored) == 1 else 'them'}")
 
-    if {"--pattern", "--sparsity"} <= given:
+    if {"prune.pattern", "prune.sparsity"} <= given.keys():
         raise UserError("--pattern and --sparsity both set the sparsity (N:M prunes N/M); "
                         "give one of them")
-    if args.finetune == "none":
-        refuse(EBFT_FLAGS + LORA_FLAGS, "--finetune none trains nothing")
-    elif args.finetune == "lora":
-        refuse(EBFT_FLAGS, "they set EBFT, and --finetune lora trains LoRA adapters")
+    if cfg.finetune == "none":
+        refuse(("train", "lora"), "--finetune none trains nothing")
+    elif cfg.finetune == "lora":
+        refuse(("train",), "they set EBFT, and --finetune lora trains LoRA adapters")
     else:
-        refuse(LORA_FLAGS, "they set the LoRA baseline (--finetune lora)")
-        if args.tune == "mask":
-            refuse(("--lr", "--weight-decay", "--train-norms"),
+        refuse(("lora",), "they set the LoRA baseline (--finetune lora)")
+        if cfg.train.tune == "mask":
+            refuse(("train.lr", "train.weight_decay", "train.train_norms"),
                    "--tune mask trains scores at --mask-lr, the weights stay frozen")
         else:
-            refuse(("--mask-lr",), "it is the score learning rate of --tune mask")
-    from stages.pruning import MaskSpec
-
-    by_reason: dict[str, list[str]] = {}  # the mask key's own list of what a method ignores
-    for name, why in MaskSpec("", "", method=args.method).unused_parameters().items():
-        by_reason.setdefault(why, []).append("--" + name.replace("_", "-"))
-    for why, flags in by_reason.items():
-        refuse(flags, why)
-
-
-def run_config(args: argparse.Namespace):
-    """Turn parsed flags into a RunConfig: explicit flags win over the preset's values."""
-    from flows.run import PruneConfig, RunConfig, ZeroShotConfig
-    from stages.block_training import TrainConfig
-    from stages.lora import LoraSettings
-    from stages.zeroshot import parse_tasks
-
-    preset = PRESETS[args.preset]
-    for name in ("nsamples", "epochs", "train_batch_size", "lr"):
-        if getattr(args, name) is None:
-            setattr(args, name, preset[name])
-    if args.eval_windows is FROM_PRESET:
-        args.eval_windows = preset["eval_windows"]
-    prune = PruneConfig(
-        method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-        mask_inputs=args.mask_inputs, blocksize=args.blocksize, percdamp=args.percdamp,
-        dsnot_cycles=args.dsnot_cycles, dsnot_threshold=args.dsnot_threshold,
-        dsnot_var_power=args.dsnot_var_power, flap_structure=args.flap_structure,
-        flap_bias=args.flap_bias == "on")
-    train = TrainConfig(
-        tune=args.tune, target=args.target, lr=args.lr, mask_lr=args.mask_lr,
-        beta1=args.betas[0], beta2=args.betas[1], weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, batch_size=args.train_batch_size,
-        max_epochs=args.epochs, tolerance=args.tolerance,
-        holdout=args.holdout, autocast=args.autocast, seed=args.train_seed,
-        train_norms=args.train_norms)
-    evals = ZeroShotConfig(parse_tasks(args.tasks) if args.tasks else (),
-                           args.zeroshot_limit, args.zeroshot_batch_size)
-    adapters = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha,
-                            dropout=args.lora_dropout, lr=args.lora_lr, epochs=args.lora_epochs,
-                            batch_size=args.lora_batch_size)
-    return RunConfig(_dense_config(args), prune, train, args.finetune, adapters, args.form,
-                     args.save_dtype, args.keep_boundaries, evals)
+            refuse(("train.mask_lr",), "it is the score learning rate of --tune mask")
+    running = cfg.prune.method.split("+")
+    for name, cls in METHODS.items():
+        if name not in running:
+            refuse((f"prune.{name}",), f"they set {cls.__name__}, and --method "
+                                       f"{cfg.prune.method} does not run it")
+    if is_structured(cfg.prune.method):
+        refuse(("prune.mask_inputs",), f"--method {cfg.prune.method} scores every block on "
+                                       "the dense capture")
 
 
 def _run(args: argparse.Namespace) -> int:
     from flows.run import prepare, run_flow
     from flows.server import prefect_api
 
-    refuse_ignored_flags(args, args.given)
-    cfg = run_config(args)
+    cfg = config_of(args)
+    refuse_ignored(cfg, settings(args))
     prepare(cfg)  # bad input fails here, in one line, before Prefect starts
     print(f"ebft run: preset {args.preset}: {cfg.dense.nsamples} calibration windows of "
           f"{cfg.dense.seqlen} tokens, up to {cfg.train.max_epochs} epochs per block at lr "
@@ -358,21 +385,25 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+def grid_of(args: argparse.Namespace) -> dict:
+    """The SweepConfig fields the command line gives (the rest keep their defaults)."""
+    import typing
+
+    from flows.config import convert
+    from flows.sweep import SweepConfig
+
+    hints = typing.get_type_hints(SweepConfig)
+    flags = {"nsamples": "--nsamples-grid", "task_runner": "--task-runner"}
+    return {name: convert(raw, hints[name], flags.get(name, f"--{name}"))
+            for dest, raw in vars(args).items() if dest.startswith("grid:")
+            for name in [dest.removeprefix("grid:")]}
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from flows.server import prefect_api
     from flows.sweep import SweepConfig, check, sweep_flow
 
-    try:
-        nsamples = tuple(int(n) for n in _csv(args.nsamples_grid))
-    except ValueError:
-        raise UserError(f"--nsamples-grid {args.nsamples_grid!r}: give integers, e.g. 8,16,32")
-    sweep = SweepConfig(run_config(args), _csv(args.models), _csv(args.methods),
-                        _csv(args.sparsities), _csv(args.finetunes), nsamples, args.parallel,
-                        args.task_runner, args.address)
+    sweep = SweepConfig(config_of(args), **grid_of(args))
     configs = check(sweep)  # bad input fails here, in one line, before Prefect starts
     print(f"ebft sweep: {len(configs)} configurations, preset {args.preset}", flush=True)
     with prefect_api():
@@ -440,8 +471,9 @@ def print_summary(report: dict) -> None:
     dense, sparse = report["perplexity"]["dense"], report["perplexity"]["finetuned"]
     cfg, masks = report["config"], report["mask_report"]
     label = f"{cfg['prune']['method']} {masks['pattern']}"
-    tuned = {"none": "", "lora": " + LoRA",
-             "ebft": f" + EBFT ({cfg['train']['tune']})"}[cfg["finetune"]]
+    from stages.recoveries import recovery_of
+
+    tuned = recovery_of(cfg["prune"]["method"], cfg["finetune"], cfg["train"]["tune"]).summary
     print(f"\nmodel        {report['model']['name']} on {report['device']} / {report['dtype']}")
     print(f"{'':<13}{'stage':<20} {'state':<20} {'seconds':>9} {'I/O s':>7} {'read GB':>8} "
           f"{'written GB':>10} {'peak RSS GB':>11}")

@@ -1,97 +1,20 @@
 """Dense pipeline: calibration → dense activation capture → Wikitext-2 perplexity."""
 
-import os
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from prefect import flow, task
+from prefect import flow
 
-from flows.caching import StageLog, cached_stage, read_result, run_stage
-from stages import calibration, capture, checks, data, zeroshot
+from flows.caching import StageLog, run_stage
+from flows.config import DenseConfig
+from stages import calibration, capture, checks, data
 from stages import perplexity as ppl
 from stages.devices import resolve_device, resolve_dtype
 from stages.errors import UserError
-from stages.model_source import (
-    ModelSource,
-    load_model,
-    load_tokenizer,
-    resolve_model,
-    tokenizer_digest,
-)
-from store import Artifact, Store
-
-
-def default_store() -> str:
-    """EBFT_STORE, else ./.ebft-store; read when a config is made, so a deployment's run uses
-    the store of the worker that runs it."""
-    return os.environ.get("EBFT_STORE", ".ebft-store")
-
-
-@dataclass(frozen=True)
-class DenseConfig:
-    model: str = "smollm2-135m"
-    store: str = field(default_factory=default_store)
-    data_dir: str | None = None
-    nsamples: int = 256
-    seqlen: int = 1024
-    seed: int = 0
-    eval_seqlen: int = 2048
-    eval_windows: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 8
-
-
-@task(name="calibration")
-@cached_stage("calibration")
-def calibration_task(spec: calibration.CalibrationSpec, store_root: str, model: ModelSource,
-                     data_dir: str | None) -> dict:
-    texts = data.c4_documents(data.data_dir(data_dir)).texts
-    return calibration.build(Store(store_root), spec, texts, load_tokenizer(model)).to_dict()
-
-
-@task(name="dense-capture")
-@cached_stage("activations")
-def capture_task(spec: capture.CaptureSpec, store_root: str, model: ModelSource,
-                 calib: dict, device: str) -> dict:
-    return capture.build(Store(store_root), spec, partial(load_model, model), Artifact(**calib),
-                         resolve_device(device)).to_dict()
-
-
-@task(name="perplexity")
-@cached_stage("perplexity", read_result)
-def perplexity_task(spec: ppl.PerplexitySpec, store_root: str, model: ModelSource,
-                    data_dir: str | None, device: str, masks: dict | None = None) -> dict:
-    """Perplexity of a model folder, or of the dense model with a mask artifact applied."""
-    text = data.wikitext2_test(data.data_dir(data_dir)).texts[0]
-    loader = partial(load_model, model)
-    if masks is not None:
-        loader = partial(_masked_model, model, Artifact(**masks))
-    return ppl.evaluate(Store(store_root), spec, loader, text, load_tokenizer(model),
-                        resolve_device(device))
-
-
-@task(name="zeroshot")
-@cached_stage("zeroshot", read_result)
-def zeroshot_task(spec: zeroshot.ZeroShotSpec, store_root: str, model: ModelSource,
-                  data_dir: str | None, device: str, masks: dict | None = None) -> dict:
-    """Zero-shot accuracies (lm-eval) of a model folder, or of the dense model with masks."""
-    loader = partial(load_model, model)
-    if masks is not None:
-        loader = partial(_masked_model, model, Artifact(**masks))
-    return zeroshot.build(Store(store_root), spec, loader, load_tokenizer(model),
-                          data.data_dir(data_dir), resolve_device(device))
-
-
-def _masked_model(model: ModelSource, masks: Artifact, dtype: torch.dtype):
-    from stages.pruning import apply_masks
-
-    loaded = load_model(model, dtype)
-    apply_masks(loaded, masks)
-    return loaded
+from stages.model_source import ModelSource, load_tokenizer, resolve_model, tokenizer_digest
+from store import Store
 
 
 class Inputs(NamedTuple):
@@ -213,18 +136,16 @@ def dense_stages(cfg: DenseConfig, inputs: Inputs, log: StageLog) -> dict:
     calib_spec = calibration.CalibrationSpec(c4_digest, tokenizer_digest(model), cfg.nsamples,
                                              cfg.seqlen, cfg.seed)
     calib = timed("calibration", lambda: run_stage(
-        calibration_task, calib_spec, store, model=model, data_dir=cfg.data_dir))
-    capture_spec = capture.CaptureSpec(model.digest, calib["key"], dtype, cfg.batch_size)
+        calibration.STAGE, calib_spec, store, model=model, data_dir=cfg.data_dir))
+    capture_spec = capture.CaptureSpec(model.digest, calib.key, dtype, cfg.batch_size)
     activations = timed("dense-capture", lambda: run_stage(
-        capture_task, capture_spec, store, model=model, calib=calib,
+        capture.STAGE, capture_spec, store, model=model, calibration=calib,
         device=str(device)))
     ppl_spec = ppl.PerplexitySpec(model.digest, wiki_digest, cfg.eval_seqlen, cfg.eval_windows,
                                   dtype)
     dense_ppl = timed("perplexity", lambda: run_stage(
-        perplexity_task, ppl_spec, store, model=model, data_dir=cfg.data_dir,
-        device=str(device)))
-    return {"calibration": calib, "activations": activations, "perplexity": dense_ppl,
-            "perplexity_spec": ppl_spec}
+        ppl.STAGE, ppl_spec, store, model=model, data_dir=cfg.data_dir, device=str(device)))
+    return {"calibration": calib, "activations": activations, "perplexity": dense_ppl}
 
 
 @flow(name="ebft-dense")
@@ -234,8 +155,8 @@ def dense_flow(cfg: DenseConfig) -> dict:
     result = dense_stages(cfg, inputs, log)
     return {
         "config": asdict(cfg), "model": asdict(inputs.model), "device": str(inputs.device),
-        "dtype": inputs.dtype, "calibration": result["calibration"],
-        "activations": result["activations"], "perplexity": result["perplexity"],
+        "dtype": inputs.dtype, "calibration": result["calibration"].to_dict(),
+        "activations": result["activations"].to_dict(), "perplexity": result["perplexity"],
         "states": log.states, "seconds": log.seconds, "usage": log.usage,
     }
 

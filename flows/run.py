@@ -7,108 +7,27 @@ collects a run report.
 """
 
 import time
-from dataclasses import asdict, dataclass, field, replace
-from functools import partial
+from dataclasses import asdict
 
-from prefect import flow, task
+from prefect import flow
 
-from flows.caching import StageLog, cached_stage, run_stage
-from flows.dense import (
-    DenseConfig,
-    Inputs,
-    check_dense_flags,
-    dense_stages,
-    perplexity_task,
-    prepare_dense,
-    zeroshot_task,
-)
+from flows.caching import StageLog, run_stage
+from flows.config import DenseConfig, PruneConfig, RunConfig, ZeroShotConfig
+from flows.dense import Inputs, check_dense_flags, dense_stages, prepare_dense
 from stages import assembly, data, ebft, lora, pruning, zeroshot
+from stages import perplexity as ppl
 from stages.block_training import TrainConfig
-from stages.devices import DTYPES, resolve_device
+from stages.devices import DTYPES
 from stages.errors import UserError
 from stages.lora import LoraSettings
-from stages.model_source import ModelSource, load_model
-from stages.streaming import BlockLoader
-from store import Artifact, Store, digest_json
+from stages.model_source import ModelSource
+from store import Artifact, Store, digest_json, write_json
+
+__all__ = ["DenseConfig", "LoraSettings", "PruneConfig", "RunConfig", "TrainConfig",
+           "ZeroShotConfig", "prepare", "run_flow"]
 
 FINETUNES = ("none", "ebft", "lora")
 FORMS = ("masked", "compact")
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    method: str = "wanda"
-    sparsity: float = 0.5
-    pattern: str | None = None
-    mask_inputs: str = "sequential"
-    blocksize: int = 128
-    percdamp: float = 0.01
-    dsnot_cycles: int = 50
-    dsnot_threshold: float = 0.1
-    dsnot_var_power: float = 1.0
-    flap_structure: str = "AL-AM"
-    flap_bias: bool = True
-
-
-@dataclass(frozen=True)
-class ZeroShotConfig:
-    tasks: tuple[str, ...] = ()  # empty: no zero-shot evaluation
-    limit: int | None = None  # documents per task (quick runs); None: all
-    batch_size: int = 16
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    dense: DenseConfig = field(default_factory=DenseConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: str = "ebft"  # "none": the pruned model as the mask stage left it; or "lora"
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    form: str = "masked"  # the saved model: masked, or compact (structured masks: narrower)
-    save_dtype: str = "auto"  # dtype of the saved model; auto: the compute dtype
-    keep_boundaries: bool = False  # keep every block's outputs (debugging; costs disk)
-    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
-
-    def key(self) -> str:
-        return digest_json(asdict(self))[:16]
-
-
-# ---- tasks: thin wrappers that rebuild what they need from paths and digests -------------
-
-@task(name="masks")
-@cached_stage("masks")
-def masks_task(spec: pruning.MaskSpec, store_root: str, model: ModelSource, activations: dict,
-               device: str) -> dict:
-    return pruning.build(Store(store_root), spec, partial(load_model, model),
-                         Artifact(**activations), resolve_device(device)).to_dict()
-
-
-@task(name="ebft-block", task_run_name="ebft-block-{spec.index}")
-@cached_stage("ebft-block")
-def block_task(spec: ebft.BlockSpec, store_root: str, model: ModelSource, activations: dict,
-               masks: dict, device: str, chain: list, keep_boundaries: bool) -> dict:
-    dtype = DTYPES[spec.dtype]
-    ctx = ebft.Context(Store(store_root), BlockLoader(model.path, dtype), Artifact(**activations),
-                       Artifact(**masks), resolve_device(device), dtype)
-    return ebft.build_block(ctx, chain, spec.index, keep_boundaries).to_dict()
-
-
-@task(name="lora")
-@cached_stage("lora")
-def lora_task(spec: lora.LoraSpec, store_root: str, model: ModelSource, masks: dict,
-              calib: dict, device: str) -> dict:
-    return lora.build(Store(store_root), spec, partial(load_model, model), Artifact(**masks),
-                      Artifact(**calib), resolve_device(device)).to_dict()
-
-
-@task(name="assembly")
-@cached_stage("models-sparse")
-def assembly_task(spec: assembly.AssemblySpec, store_root: str, model: ModelSource,
-                  masks: dict, blocks: list[dict], pattern_spec: pruning.MaskSpec,
-                  lora_artifact: dict | None = None) -> dict:
-    return assembly.build(Store(store_root), spec, model, Artifact(**masks),
-                          [Artifact(**b) for b in blocks], pattern_spec.parsed_pattern(),
-                          Artifact(**lora_artifact) if lora_artifact else None).to_dict()
 
 
 # ---- checking the configuration before anything runs --------------------------------------
@@ -150,7 +69,7 @@ def prepare(cfg: RunConfig) -> Inputs:
     if pattern.is_nm:
         check_layers_fit(inputs.model, pattern)
     if mask_spec.structured:
-        check_structured(inputs.model, cfg.prune.flap_bias)
+        check_structured(inputs.model, cfg.prune.flap.bias)
     return inputs
 
 
@@ -174,8 +93,14 @@ def check_layers_fit(model: ModelSource, pattern) -> None:
 
 def mask_spec_for(cfg: RunConfig, model_digest: str, activations_key: str,
                   dtype: str) -> pruning.MaskSpec:
-    return pruning.MaskSpec(model_digest, activations_key, dtype=dtype,
-                            batch_size=cfg.dense.batch_size, **asdict(cfg.prune))
+    """The mask stage's spec: the configuration's method, with every registered method's
+    parameters (the spec's key keeps only those of the methods it runs)."""
+    prune = cfg.prune
+    params = {name: asdict(getattr(prune, name)) for name in prune.method.split("+")
+              if hasattr(prune, name)}
+    return pruning.MaskSpec(model_digest, activations_key, prune.method, prune.sparsity,
+                            prune.pattern, prune.mask_inputs, params, dtype,
+                            cfg.dense.batch_size)
 
 
 # ---- the flow ---------------------------------------------------------------------------
@@ -184,102 +109,127 @@ def mask_spec_for(cfg: RunConfig, model_digest: str, activations_key: str,
 def run_flow(cfg: RunConfig) -> dict:
     started = time.monotonic()
     inputs = prepare(cfg)
-    store, model, dtype = inputs.store, inputs.model, inputs.dtype
-    log = StageLog()
-    dense = dense_stages(cfg.dense, inputs, log)
-    timed = log.run
-
-    zs_directory = data.data_dir(cfg.dense.data_dir)
-    zs_tasks = zeroshot.available(cfg.zeroshot.tasks, zs_directory)[0]
-    zs_digest = zeroshot.data_digest(zs_tasks, zs_directory)
-
-    def zero_shot(name: str, source: ModelSource, model_digest: str, masks=None):
-        """Zero-shot accuracies of one model, or None when no tasks were asked for."""
-        if not cfg.zeroshot.tasks:
-            return None
-        spec = zeroshot.ZeroShotSpec(model_digest, zs_digest, cfg.zeroshot.tasks,
-                                     cfg.zeroshot.limit, cfg.zeroshot.batch_size, dtype)
-        return timed(f"zeroshot-{name}", lambda: run_stage(
-            zeroshot_task, spec, store, model=source,
-            data_dir=cfg.dense.data_dir, device=str(inputs.device), masks=masks))
-
-    zs = {"dense": zero_shot("dense", model, model.digest)}
-    activations = dense["activations"]
-    mask_spec = mask_spec_for(cfg, model.digest, activations["key"], dtype)
-    masks = timed("masks", lambda: run_stage(
-        masks_task, mask_spec, store, model=model, activations=activations,
-        device=str(inputs.device)))
-
-    pruned_spec = replace(dense["perplexity_spec"],
-                          model_digest=digest_json([model.digest, masks["key"]]))
-    pruned_ppl = timed("perplexity-pruned", lambda: run_stage(
-        perplexity_task, pruned_spec, store, model=model,
-        data_dir=cfg.dense.data_dir, device=str(inputs.device), masks=masks))
-    zs["pruned"] = zero_shot("pruned", model, pruned_spec.model_digest, masks)
-
-    blocks: list[dict] = []
-    last_key = None
-    records, ebft_time = [], None
+    run = Run(cfg, inputs, StageLog())
+    dense = dense_stages(cfg.dense, inputs, run.log)
+    masks = run.masks(dense["activations"])
+    pruned_ppl = run.perplexity("perplexity-pruned", inputs.model, masks)
+    zeroshot = {"dense": run.zero_shot("dense", inputs.model),
+                "pruned": run.zero_shot("pruned", inputs.model, masks)}
+    blocks, lora_artifact = [], None
     if cfg.finetune == "ebft":
-        n_blocks = load_config_layers(model)
-        pattern = mask_spec.parsed_pattern()
-        specs = ebft.chain(n_blocks, model_digest=model.digest, activations_key=activations["key"],
-                           masks_key=masks["key"], train=cfg.train, nm_m=pattern.m, dtype=dtype,
-                           io_batch_size=cfg.dense.batch_size)
-        t0 = time.monotonic()
-        block_states = []
-        for spec in specs:
-            state = run_stage(block_task, spec, store, model=model, activations=activations,
-                              masks=masks, device=str(inputs.device), chain=specs,
-                              keep_boundaries=cfg.keep_boundaries)
-            block_states.append(state)
-            blocks.append(state.result())
-        log.record("ebft", block_states, time.monotonic() - t0)
-        last_key = specs[-1].key()
-        records = [ebft.read_record(Artifact(**b)) for b in blocks]
-        ebft_time = training_share(records, block_states, log.seconds["ebft"])
-        if not cfg.keep_boundaries:
-            store.delete("ebft-boundary", last_key)
-
-    lora_artifact, lora_record = None, None
-    if cfg.finetune == "lora":
-        lora_spec = lora.LoraSpec(model.digest, masks["key"], dense["calibration"]["key"],
-                                  cfg.lora, dtype)
-        lora_artifact = timed("lora", lambda: run_stage(
-            lora_task, lora_spec, store, model=model, masks=masks,
-            calib=dense["calibration"], device=str(inputs.device)))
-        lora_record = lora.read_record(Artifact(**lora_artifact))
-
-    save_dtype = dtype if cfg.save_dtype == "auto" else cfg.save_dtype
-    assembly_spec = assembly.AssemblySpec(model.digest, masks["key"], last_key, save_dtype,
-                                          lora_artifact["key"] if lora_artifact else None,
-                                          cfg.form)
-    final = timed("assembly", lambda: run_stage(
-        assembly_task, assembly_spec, store, model=model, masks=masks,
-        blocks=blocks, pattern_spec=mask_spec, lora_artifact=lora_artifact))
+        blocks = run.ebft_blocks(dense["activations"], masks)
+    elif cfg.finetune == "lora":
+        lora_artifact = run.lora(masks, dense["calibration"])
+    final = run.assembly(masks, blocks, lora_artifact)
     tuned_ppl = None
     if cfg.finetune != "none":
-        final_source = assembly.as_model_source(Artifact(**final), f"{model.name} {cfg.finetune}")
-        ppl_spec = replace(dense["perplexity_spec"], model_digest=final["digest"])
-        tuned_ppl = timed("perplexity-finetuned", lambda: run_stage(
-            perplexity_task, ppl_spec, store, model=final_source,
-            data_dir=cfg.dense.data_dir, device=str(inputs.device)))
-        zs["finetuned"] = zero_shot("finetuned", final_source, final["digest"])
+        final_model = assembly.as_model_source(final, f"{inputs.model.name} {cfg.finetune}")
+        tuned_ppl = run.perplexity("perplexity-finetuned", final_model)
+        zeroshot["finetuned"] = run.zero_shot("finetuned", final_model)
 
     report = {
-        "config": asdict(cfg), "model": asdict(model), "device": str(inputs.device),
-        "dtype": dtype, "calibration": dense["calibration"], "activations": activations,
-        "masks": masks, "mask_report": mask_summary(Artifact(**masks)),
-        "model_folder": final["path"], "blocks": records, "lora": lora_record,
+        "config": asdict(cfg), "model": asdict(inputs.model), "device": str(inputs.device),
+        "dtype": inputs.dtype, "calibration": dense["calibration"].to_dict(),
+        "activations": dense["activations"].to_dict(), "masks": masks.to_dict(),
+        "mask_report": mask_summary(masks), "model_folder": final.path,
+        "blocks": [ebft.read_record(b) for b in blocks],
+        "lora": lora.read_record(lora_artifact) if lora_artifact else None,
         "perplexity": {"dense": dense["perplexity"], "pruned": pruned_ppl,
                        "finetuned": tuned_ppl},
-        "zeroshot": zs if cfg.zeroshot.tasks else None,
-        "states": log.states, "seconds": log.seconds, "usage": log.usage,
-        "ebft_time": ebft_time,
+        "zeroshot": zeroshot if cfg.zeroshot.tasks else None,
+        "states": run.log.states, "seconds": run.log.seconds, "usage": run.log.usage,
+        "ebft_time": run.ebft_time,
         "wall_seconds": round(time.monotonic() - started, 1),
     }
-    report["report_path"] = write_report(store, cfg, report)
+    report["report_path"] = write_report(inputs.store, cfg, report)
     return report
+
+
+class Run:
+    """The stages of one configuration after the dense ones, each a named step that
+    builds its spec from the configuration and runs it as a cached stage."""
+
+    def __init__(self, cfg: RunConfig, inputs: Inputs, log: StageLog) -> None:
+        self.cfg, self.inputs, self.log = cfg, inputs, log
+        self.store, self.model, self.dtype = inputs.store, inputs.model, inputs.dtype
+        self.device = str(inputs.device)
+        self.mask_spec: pruning.MaskSpec | None = None
+        self.last_block_key: str | None = None
+        self.ebft_time: dict | None = None
+
+    def masks(self, activations: Artifact) -> Artifact:
+        self.mask_spec = mask_spec_for(self.cfg, self.model.digest, activations.key, self.dtype)
+        return self.log.run("masks", lambda: run_stage(
+            pruning.STAGE, self.mask_spec, self.store, model=self.model,
+            activations=activations, device=self.device))
+
+    def perplexity(self, name: str, model: ModelSource, masks: Artifact | None = None) -> dict:
+        """Wikitext-2 perplexity of a model folder, or of the dense model with masks."""
+        spec = self.perplexity_spec(model, masks)
+        return self.log.run(name, lambda: run_stage(
+            ppl.STAGE, spec, self.store, model=model, data_dir=self.cfg.dense.data_dir,
+            device=self.device, masks=masks))
+
+    def perplexity_spec(self, model: ModelSource, masks: Artifact | None) -> ppl.PerplexitySpec:
+        dense = self.cfg.dense
+        wiki = data.wikitext2_test(data.data_dir(dense.data_dir)).digest
+        return ppl.PerplexitySpec(model_digest(model, masks), wiki, dense.eval_seqlen,
+                                  dense.eval_windows, self.dtype)
+
+    def zero_shot(self, name: str, model: ModelSource, masks: Artifact | None = None):
+        """Zero-shot accuracies of one model, or None when no tasks were asked for."""
+        settings = self.cfg.zeroshot
+        if not settings.tasks:
+            return None
+        directory = data.data_dir(self.cfg.dense.data_dir)
+        present = zeroshot.available(settings.tasks, directory)[0]
+        spec = zeroshot.ZeroShotSpec(model_digest(model, masks),
+                                     zeroshot.data_digest(present, directory), settings.tasks,
+                                     settings.limit, settings.batch_size, self.dtype)
+        return self.log.run(f"zeroshot-{name}", lambda: run_stage(
+            zeroshot.STAGE, spec, self.store, model=model, data_dir=self.cfg.dense.data_dir,
+            device=self.device, masks=masks))
+
+    def ebft_blocks(self, activations: Artifact, masks: Artifact) -> list[Artifact]:
+        """One cached task per block, in order: block l trains on block l-1's outputs."""
+        specs = ebft.chain(load_config_layers(self.model), model_digest=self.model.digest,
+                           activations_key=activations.key, masks_key=masks.key,
+                           train=self.cfg.train, nm_m=self.mask_spec.parsed_pattern().m,
+                           dtype=self.dtype, io_batch_size=self.cfg.dense.batch_size)
+        started = time.monotonic()
+        states = [run_stage(ebft.STAGE, spec, self.store, store_root=str(self.store.root),
+                            model=self.model, activations=activations, masks=masks,
+                            device=self.device, chain=specs,
+                            keep_boundaries=self.cfg.keep_boundaries) for spec in specs]
+        self.log.record("ebft", states, time.monotonic() - started)
+        blocks = [state.result() for state in states]
+        self.ebft_time = training_share([ebft.read_record(b) for b in blocks], states,
+                                        self.log.seconds["ebft"])
+        self.last_block_key = specs[-1].key()
+        if not self.cfg.keep_boundaries:
+            self.store.delete("ebft-boundary", self.last_block_key)
+        return blocks
+
+    def lora(self, masks: Artifact, calib: Artifact) -> Artifact:
+        spec = lora.LoraSpec(self.model.digest, masks.key, calib.key, self.cfg.lora, self.dtype)
+        return self.log.run("lora", lambda: run_stage(
+            lora.STAGE, spec, self.store, model=self.model, masks=masks, calibration=calib,
+            device=self.device))
+
+    def assembly(self, masks: Artifact, blocks: list[Artifact],
+                 lora_artifact: Artifact | None) -> Artifact:
+        save_dtype = self.dtype if self.cfg.save_dtype == "auto" else self.cfg.save_dtype
+        spec = assembly.AssemblySpec(self.model.digest, masks.key, self.last_block_key,
+                                     save_dtype, lora_artifact.key if lora_artifact else None,
+                                     self.cfg.form)
+        return self.log.run("assembly", lambda: run_stage(
+            assembly.STAGE, spec, self.store, model=self.model, masks=masks, blocks=blocks,
+            pattern=self.mask_spec.parsed_pattern(), lora_artifact=lora_artifact))
+
+
+def model_digest(model: ModelSource, masks: Artifact | None) -> str:
+    """What identifies the evaluated model: its files, or the dense files and the masks."""
+    return model.digest if masks is None else digest_json([model.digest, masks.key])
 
 
 def training_share(records: list[dict], states: list, stage_seconds: float) -> dict | None:
@@ -299,14 +249,16 @@ def mask_summary(masks: Artifact) -> dict:
     import json
     from pathlib import Path
 
-    report = json.loads((Path(masks.path) / pruning.REPORT_FILE).read_text())
+    from stages.mask_files import REPORT_FILE
+
+    report = json.loads((Path(masks.path) / REPORT_FILE).read_text())
     return {k: v for k, v in report.items() if k != "layers"}
 
 
 def write_report(store: Store, cfg: RunConfig, report: dict) -> str:
     """The machine-readable run report, replaced atomically on every run of this config."""
     with store.writing("reports", cfg.key(), replace=True) as tmp:
-        store.write_json(tmp, "report.json", report)
+        write_json(tmp, "report.json", report)
     return str(store.path("reports", cfg.key()) / "report.json")
 
 

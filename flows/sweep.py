@@ -22,9 +22,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.run import RunConfig, prepare, run_flow
 from stages import reports
 from stages.errors import UserError
-from store import Store, digest_json
-
-RECOVERIES = ("none", "ebft", "dsnot", "mask", "lora")
+from stages.recoveries import RECOVERIES, recovery_of
+from store import Store, digest_json, write_json
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class SweepConfig:
     models: tuple[str, ...] = ()  # empty: the base config's model
     methods: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
     sparsities: tuple[str, ...] = ("0.5", "0.6", "0.7")  # ratios or N:M patterns
-    finetunes: tuple[str, ...] = ("none", "dsnot", "ebft")  # of RECOVERIES
+    finetunes: tuple[str, ...] = ("none", "dsnot", "ebft")  # recoveries (stages.recoveries)
     nsamples: tuple[int, ...] = ()  # empty: the base config's
     parallel: int = 1  # configurations at once on the thread task runner
     task_runner: str = "threads"  # threads, dask or ray (Prefect's integrations)
@@ -52,24 +51,16 @@ def expand(sweep: SweepConfig) -> list[RunConfig]:
     models = sweep.models or (sweep.base.dense.model,)
     nsamples = sweep.nsamples or (sweep.base.dense.nsamples,)
     configs = []
-    for model, n, method, sparsity, recovery in itertools.product(
+    for model, n, method, sparsity, name in itertools.product(
             models, nsamples, sweep.methods, sweep.sparsities, sweep.finetunes):
-        prune = replace(sweep.base.prune, method=method, **_sparsity_fields(sparsity))
-        train = sweep.base.train
-        finetune = "ebft"
-        if recovery in ("none", "dsnot"):
-            finetune = "none"
-        if recovery == "dsnot":
-            prune = replace(prune, method=f"{method}+dsnot")
-        if recovery == "mask":
-            train = replace(train, tune="mask")
-        if recovery == "ebft":
-            train = replace(train, tune="weights")
-        if recovery == "lora":
-            finetune = "lora"
+        recovery = RECOVERIES[name]
+        refined = f"{method}+{recovery.refiner}" if recovery.refiner else method
+        prune = replace(sweep.base.prune, method=refined, **_sparsity_fields(sparsity))
+        train = replace(sweep.base.train, tune=recovery.tune) if recovery.tune else \
+            sweep.base.train
         dense = replace(sweep.base.dense, model=model, nsamples=n)
         configs.append(replace(sweep.base, dense=dense, prune=prune, train=train,
-                               finetune=finetune))
+                               finetune=recovery.finetune))
     return configs
 
 
@@ -124,9 +115,10 @@ def configuration_task(cfg: RunConfig, label: str) -> str:
 
 
 def label_of(cfg: RunConfig) -> str:
-    tune = {"none": "", "ebft": f"+ebft-{cfg.train.tune}", "lora": "+lora"}[cfg.finetune]
+    recovery = recovery_of(cfg.prune.method, cfg.finetune, cfg.train.tune).name
     sparsity = cfg.prune.pattern or f"{cfg.prune.sparsity:g}"
-    return f"{Path(cfg.dense.model).name}/{cfg.prune.method}/{sparsity}{tune}/n{cfg.dense.nsamples}"
+    base = cfg.prune.method.partition("+")[0]
+    return f"{Path(cfg.dense.model).name}/{base}/{sparsity}/{recovery}/n{cfg.dense.nsamples}"
 
 
 def block_losses(paths: list[str]) -> dict[str, list[dict]]:
@@ -145,7 +137,7 @@ def write_sweep_report(store: Store, key: str, paths: list[str], extra: dict) ->
     rows = reports.load_reports([Path(p) for p in paths])
     with store.writing("sweeps", key, replace=True) as tmp:
         written = reports.write(rows, tmp, block_losses(paths))
-        store.write_json(tmp, "sweep.json", {"reports": paths, **extra, **written})
+        write_json(tmp, "sweep.json", {"reports": paths, **extra, **written})
     return {"path": str(store.path("sweeps", key)), **written}
 
 

@@ -11,47 +11,42 @@ others), and ``form="compact"`` saves structured masks as a physically narrower 
 
 from __future__ import annotations
 
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import stages.architecture as arch
 from stages import lora, structured
 from stages.ebft import load_block_weights
-from stages.model_source import ModelSource, load_model, load_tokenizer
-from stages.pruning import (
+from stages.mask_files import (
     apply_masks,
     load_biases,
     load_masks,
     model_keep_masks,
     sparsity_report,
 )
-from store import Artifact, Store, code_version, digest_json
+from stages.masks import Pattern
+from stages.model_source import ModelSource, load_model, load_tokenizer
+from stages.stage import Spec, Stage
+from store import Artifact, write_json
 
 
 @dataclass(frozen=True)
-class AssemblySpec:
+class AssemblySpec(Spec):
     model_digest: str
     masks_key: str
     last_block_key: str | None  # the final EBFT block's key; None: the pruned model as is
-    dtype: str = "float32"  # the dtype the weights are saved in
-    lora_key: str | None = None  # LoRA's merged projections, instead of EBFT's blocks
-    form: str = "masked"  # or "compact": structured masks as a narrower model
-
-    def key(self) -> str:
-        modules = [sys.modules[__name__], structured]
-        return digest_json({**asdict(self), "code": code_version(*modules)})[:32]
+    dtype: str  # the dtype the weights are saved in
+    lora_key: str | None  # LoRA's merged projections, instead of EBFT's blocks
+    form: str  # masked, or compact: structured masks as a narrower model
 
 
-def build(store: Store, spec: AssemblySpec, model: ModelSource, masks: Artifact,
-          blocks: list[Artifact], pattern, lora_artifact: Artifact | None = None) -> Artifact:
-    """Write the final model folder (plus ``sparsity.json``), unless already stored."""
+def build(spec: AssemblySpec, out: Path, model: ModelSource, masks: Artifact,
+          blocks: list[Artifact], pattern: Pattern, lora_artifact: Artifact | None = None) -> None:
+    """Write the final model folder (plus ``sparsity.json``)."""
     from stages.devices import DTYPES
 
-    key = spec.key()
-    if found := store.get("models-sparse", key):
-        return found
     dense = load_model(model, torch.float32)
     apply_masks(dense, masks)
     keep = load_masks(masks)
@@ -70,11 +65,12 @@ def build(store: Store, spec: AssemblySpec, model: ModelSource, masks: Artifact,
     dense.to(DTYPES[spec.dtype])
     summary = {k: v for k, v in report.items() if k != "layers"}
     summary.update(form=spec.form, parameters=sum(p.numel() for p in dense.parameters()))
-    with store.writing("models-sparse", key) as tmp:
-        dense.save_pretrained(tmp)
-        load_tokenizer(model).save_pretrained(tmp)
-        store.write_json(tmp, "sparsity.json", summary)
-    return store.get("models-sparse", key)
+    dense.save_pretrained(out)
+    load_tokenizer(model).save_pretrained(out)
+    write_json(out, "sparsity.json", summary)
+
+
+STAGE = Stage("models-sparse", build)
 
 
 def as_model_source(artifact: Artifact, name: str) -> ModelSource:

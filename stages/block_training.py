@@ -47,8 +47,8 @@ class TrainConfig:
     beta2: float = 0.95
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # clip each step's gradient norm, as the authors' code (0: off)
-    batch_size: int = 8
-    max_epochs: int = 10
+    batch_size: int = 2  # the paper: 8 (--preset paper)
+    max_epochs: int = 2  # the paper: up to 10 (--preset paper)
     tolerance: float = 0.01  # stop when an epoch improves the held-out loss by less than 1%
     holdout: float = 0.0625  # fraction of calibration samples held out to judge convergence
     autocast: str = "auto"  # "auto" (bf16 where it is faster than fp32), "bfloat16", "none"

@@ -7,29 +7,28 @@ seeded generator. Everything is a pure function of (documents, tokenizer, parame
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from stages import data
 from stages.errors import UserError
-from store import Artifact, Store, code_version, digest_json
+from stages.model_source import ModelSource, load_tokenizer
+from stages.stage import Spec, Stage
+from store import Artifact, write_json
 
 TOKENS_FILE = "tokens.safetensors"
 
 
 @dataclass(frozen=True)
-class CalibrationSpec:
+class CalibrationSpec(Spec):
     corpus_digest: str
     tokenizer_digest: str
-    nsamples: int = 256
-    seqlen: int = 1024
-    seed: int = 0
-
-    def key(self) -> str:
-        me = sys.modules[__name__]
-        return digest_json({**asdict(self), "code": code_version(me)})[:32]
+    nsamples: int
+    seqlen: int
+    seed: int
 
 
 def validate(nsamples: int, seqlen: int, max_context: int | None,
@@ -81,17 +80,16 @@ def sample_windows(token_lists: list[list[int]], nsamples: int, seqlen: int,
     return windows
 
 
-def build(store: Store, spec: CalibrationSpec, texts: list[str], tokenizer) -> Artifact:
-    """Sample the calibration windows and store them, unless already stored."""
-    key = spec.key()
-    if found := store.get("calibration", key):
-        return found
-    token_lists = tokenizer(texts)["input_ids"]
+def build(spec: CalibrationSpec, out: Path, model: ModelSource, data_dir: str | None) -> None:
+    """Sample the calibration windows from the C4 documents with the model's tokenizer."""
+    texts = data.c4_documents(data.data_dir(data_dir)).texts
+    token_lists = load_tokenizer(model)(texts)["input_ids"]
     windows = sample_windows(token_lists, spec.nsamples, spec.seqlen, spec.seed)
-    with store.writing("calibration", key) as tmp:
-        save_file({"input_ids": windows}, str(tmp / TOKENS_FILE))
-        store.write_json(tmp, "meta.json", {**asdict(spec), "shape": list(windows.shape)})
-    return store.get("calibration", key)
+    save_file({"input_ids": windows}, str(out / TOKENS_FILE))
+    write_json(out, "meta.json", {**asdict(spec), "shape": list(windows.shape)})
+
+
+STAGE = Stage("calibration", build)
 
 
 def load(artifact: Artifact) -> torch.Tensor:

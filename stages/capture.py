@@ -8,7 +8,6 @@ same model and calibration set reuses this store.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,24 +15,21 @@ import torch
 
 import stages.architecture as arch
 import store.activations as acts
+from stages.model_source import ModelSource, load_model
 from stages.progress import Progress
-from store import Artifact, Store, code_version, digest_json
+from stages.stage import Spec, Stage
+from store import Artifact
 
 ZARR_NAME = "activations.zarr"
 
 
 @dataclass(frozen=True)
-class CaptureSpec:
+class CaptureSpec(Spec):
     model_digest: str
     calibration_key: str
-    dtype: str = "float32"  # compute precision
-    batch_size: int = 8
-
-    def key(self) -> str:
-        me = sys.modules[__name__]
-        # batch size changes nothing stored, so it stays out of the key
-        params = {k: v for k, v in asdict(self).items() if k != "batch_size"}
-        return digest_json({**params, "code": code_version(me, arch, acts)})[:32]
+    dtype: str  # compute precision
+    batch_size: int
+    not_in_key = ("batch_size",)  # it changes nothing stored
 
 
 @torch.inference_mode()
@@ -60,22 +56,19 @@ def capture_dense(model, tokens: torch.Tensor, out: Path, device: torch.device,
         progress.update(index + 1)
 
 
-def build(store: Store, spec: CaptureSpec, model_loader, calibration: Artifact,
-          device: torch.device) -> Artifact:
-    """Capture the dense activations for a calibration set, unless already stored."""
+def build(spec: CaptureSpec, out: Path, model: ModelSource, calibration: Artifact,
+          device: str) -> None:
+    """Capture the dense activations of every block boundary for a calibration set."""
     from stages import calibration as calib
-    from stages.devices import DTYPES, storage_dtype
+    from stages.devices import DTYPES, resolve_device, storage_dtype
 
-    key = spec.key()
-    if found := store.get("activations", key):
-        return found
     dtype = DTYPES[spec.dtype]
-    model = model_loader(dtype)
-    tokens = calib.load(calibration)
+    loaded = load_model(model, dtype)
     storage = storage_dtype(dtype)
-    attrs = {**asdict(spec), "model_type": model.config.model_type,
+    attrs = {**asdict(spec), "model_type": loaded.config.model_type,
              "storage_dtype": str(storage).removeprefix("torch.")}
-    with store.writing("activations", key) as tmp:
-        capture_dense(model, tokens, tmp / ZARR_NAME, device, dtype, storage, spec.batch_size,
-                      attrs)
-    return store.get("activations", key)
+    capture_dense(loaded, calib.load(calibration), out / ZARR_NAME, resolve_device(device),
+                  dtype, storage, spec.batch_size, attrs)
+
+
+STAGE = Stage("activations", build)

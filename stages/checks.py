@@ -14,6 +14,8 @@ from pathlib import Path
 
 from stages.errors import UserError
 
+CACHE_NEUTRAL = "checks made before any stage runs; they compute nothing stored"
+
 # Decoder families whose blocks the stages are tested on (tiny models of each in tests/):
 # one ModuleList of identical blocks, nn.Linear projections, a causal mask built by the model.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")

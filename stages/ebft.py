@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,20 +28,21 @@ from safetensors.torch import load_file, save_file
 import stages.architecture as arch
 import stages.block_training as training
 import store.activations as acts
-from stages import streaming
 from stages.block_training import TrainConfig
 from stages.capture import ZARR_NAME
 from stages.errors import UserError
+from stages.mask_files import apply_block, load_biases, load_masks, load_weights
+from stages.model_source import ModelSource
 from stages.progress import logger
-from stages.pruning import apply_block, load_biases, load_masks, load_weights
+from stages.stage import Spec, Stage
 from stages.streaming import BlockLoader
-from store import Artifact, Store, code_version, digest_json
+from store import Artifact, Store, write_json
 
 BLOCK_FILE, RECORD_FILE = "block.safetensors", "record.json"
 
 
 @dataclass(frozen=True)
-class BlockSpec:
+class BlockSpec(Spec):
     index: int
     previous: str  # key of block index-1's spec ("" for block 0): the inputs' provenance
     model_digest: str
@@ -52,11 +52,7 @@ class BlockSpec:
     nm_m: int = 0  # M of an N:M pattern (mask tuning keeps it), 0 for unstructured
     dtype: str = "float32"
     io_batch_size: int = 8
-
-    def key(self) -> str:
-        modules = [sys.modules[__name__], training, arch, acts, streaming]
-        params = {k: v for k, v in asdict(self).items() if k != "io_batch_size"}
-        return digest_json({**params, "code": code_version(*modules)})[:32]
+    not_in_key = ("io_batch_size",)  # it changes nothing stored
 
 
 def chain(n_blocks: int, **common) -> list[BlockSpec]:
@@ -178,13 +174,26 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def build_block(ctx: Context, specs: list[BlockSpec], index: int,
-                keep_boundaries: bool = False) -> Artifact:
-    """Fine-tune block ``index`` and store its weights, record and outputs."""
+def build(spec: BlockSpec, out: Path, store_root: str, model: ModelSource,
+          activations: Artifact, masks: Artifact, device: str, chain: list[BlockSpec],
+          keep_boundaries: bool = False) -> None:
+    """Fine-tune block ``spec.index``: its weights and record go to ``out``, its outputs on
+    the calibration set (the next block's inputs) to an ``ebft-boundary`` artifact."""
+    from stages.devices import DTYPES, resolve_device
+
+    dtype = DTYPES[spec.dtype]
+    ctx = Context(Store(store_root), BlockLoader(model.path, dtype), activations, masks,
+                  resolve_device(device), dtype)
+    train_block(ctx, chain, spec.index, out, keep_boundaries)
+
+
+STAGE = Stage("ebft-block", build)
+
+
+def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
+                keep_boundaries: bool) -> None:
     spec = specs[index]
     key = spec.key()
-    if found := ctx.store.get("ebft-block", key):
-        return found
     source = input_source(ctx, specs, index)
     dense_block = ctx.dense_block(index) if spec.train.target == "dense-block" else None
     block = ctx.sparse_block(index)
@@ -193,48 +202,46 @@ def build_block(ctx: Context, specs: list[BlockSpec], index: int,
     train_rows, holdout_rows = list(range(ctx.n - n_holdout)), list(range(ctx.n - n_holdout, ctx.n))
     log = logger().info
 
-    with ctx.store.writing("ebft-block", key) as tmp:
-        if dense_block is not None:  # dense block l on the sparse-path inputs, once
-            target_group = ctx.new_boundary(tmp / "target.zarr")
-            ctx.forward_into(dense_block, source, target_group, spec.io_batch_size)
-            del dense_block
-            target = (target_group, 0)
-        else:
-            target = (ctx.dense, index + 1)
+    if dense_block is not None:  # dense block l on the sparse-path inputs, once
+        target_group = ctx.new_boundary(out / "target.zarr")
+        ctx.forward_into(dense_block, source, target_group, spec.io_batch_size)
+        del dense_block
+        target = (target_group, 0)
+    else:
+        target = (ctx.dense, index + 1)
 
-        # The block trains in fp32 (master weights) even when the model runs in 16 bits:
-        # AdamW's small late updates would round away in bf16 weights. Speed comes from
-        # bf16 autocast where the hardware has it (TrainConfig.autocast).
-        block.float()
-        rows_of = preload(ctx, source, target)
+    # The block trains in fp32 (master weights) even when the model runs in 16 bits:
+    # AdamW's small late updates would round away in bf16 weights. Speed comes from
+    # bf16 autocast where the hardware has it (TrainConfig.autocast).
+    block.float()
+    rows_of = preload(ctx, source, target)
 
-        def batches(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            x, y = rows_of(rows)
-            return x.to(ctx.device, torch.float32), y.to(ctx.device, torch.float32)
+    def batches(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = rows_of(rows)
+        return x.to(ctx.device, torch.float32), y.to(ctx.device, torch.float32)
 
-        record = training.train_block(block, ctx.keep(index), batches, train_rows, holdout_rows,
-                                      lambda b: ctx.kwargs_for(b, torch.float32), cfg,
-                                      ctx.device, torch.float32, index, spec.nm_m, log)
-        block.to(ctx.dtype)
-        keep = record.pop("_keep")
-        if cfg.target == "dense-block":
-            shutil.rmtree(tmp / "target.zarr")
-        trained = [f"{name}.weight" for name in arch.linear_layers(block)]
-        if cfg.train_norms:
-            trained = [name for name, _ in block.named_parameters()]
-        state = {name: block.get_parameter(name).detach().to("cpu").contiguous()
-                 for name in trained}
-        save_file(state, str(tmp / BLOCK_FILE))
-        record["sparsity"] = {name: round(1 - float(k.float().mean()), 6)
-                              for name, k in keep.items()}
-        ctx.store.write_json(tmp, RECORD_FILE, {**record, "spec": asdict(spec), "key": key})
+    record = training.train_block(block, ctx.keep(index), batches, train_rows, holdout_rows,
+                                  lambda b: ctx.kwargs_for(b, torch.float32), cfg,
+                                  ctx.device, torch.float32, index, spec.nm_m, log)
+    block.to(ctx.dtype)
+    keep = record.pop("_keep")
+    if cfg.target == "dense-block":
+        shutil.rmtree(out / "target.zarr")
+    trained = [f"{name}.weight" for name in arch.linear_layers(block)]
+    if cfg.train_norms:
+        trained = [name for name, _ in block.named_parameters()]
+    state = {name: block.get_parameter(name).detach().to("cpu").contiguous()
+             for name in trained}
+    save_file(state, str(out / BLOCK_FILE))
+    record["sparsity"] = {name: round(1 - float(k.float().mean()), 6)
+                          for name, k in keep.items()}
+    write_json(out, RECORD_FILE, {**record, "spec": asdict(spec), "key": key})
 
     with ctx.store.writing("ebft-boundary", key) as tmp:
         ctx.forward_into(block, source, ctx.new_boundary(tmp / ZARR_NAME), spec.io_batch_size)
     block.to("cpu")
     if index > 0 and not keep_boundaries:
         ctx.store.delete("ebft-boundary", specs[index - 1].key())
-    return ctx.store.get("ebft-block", key)
 
 
 def read_record(artifact: Artifact) -> dict:

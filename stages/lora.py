@@ -14,17 +14,19 @@ the mask artifact) and ``record.json`` (losses, time, trainable parameters, data
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 import stages.architecture as arch
 from stages.errors import UserError
+from stages.model_source import ModelSource
 from stages.progress import logger
-from store import Artifact, Store, code_version, digest_json
+from stages.stage import Spec, Stage
+from store import Artifact, write_json
 
 WEIGHTS_FILE, RECORD_FILE = "weights.safetensors", "record.json"
 DATA_LABEL = "calibration windows (C4 plain text; stand-in for Alpaca-GPT4)"
@@ -53,15 +55,12 @@ class LoraSettings:
 
 
 @dataclass(frozen=True)
-class LoraSpec:
+class LoraSpec(Spec):
     model_digest: str
     masks_key: str
     calibration_key: str  # the training text
     settings: LoraSettings
-    dtype: str = "float32"
-
-    def key(self) -> str:
-        return digest_json({**asdict(self), "code": code_version(sys.modules[__name__])})[:32]
+    dtype: str
 
 
 def train(model, ids: torch.Tensor, settings: LoraSettings, log=print) -> dict:
@@ -107,20 +106,15 @@ def train(model, ids: torch.Tensor, settings: LoraSettings, log=print) -> dict:
             "targets": targets, "data": DATA_LABEL}
 
 
-def build(store: Store, spec: LoraSpec, model_loader, masks: Artifact, calib: Artifact,
-          device: torch.device) -> Artifact:
-    """Train, merge and store the LoRA-recovered projections, unless already stored."""
-    from stages import calibration
-    from stages.devices import DTYPES
-    from stages.pruning import apply_block, apply_masks, load_masks
+def build(spec: LoraSpec, out: Path, model: ModelSource, masks: Artifact,
+          calibration: Artifact, device: str) -> None:
+    """Train LoRA adapters on the pruned model, merge them, store the projections."""
+    from stages import calibration as calib
+    from stages.devices import DTYPES, resolve_device
+    from stages.mask_files import apply_block, load_masked_model, load_masks
 
-    key = spec.key()
-    if found := store.get("lora", key):
-        return found
-    model = model_loader(DTYPES[spec.dtype])
-    apply_masks(model, masks)
-    model.to(device)
-    record = train(model, calibration.load(calib), spec.settings, logger().info)
+    pruned = load_masked_model(model, DTYPES[spec.dtype], masks).to(resolve_device(device))
+    record = train(pruned, calib.load(calibration), spec.settings, logger().info)
     merged = record.pop("model")
     keep = load_masks(masks)
     for index, block in enumerate(arch.decoder_blocks(merged)):  # the merged B·A is dense:
@@ -128,10 +122,11 @@ def build(store: Store, spec: LoraSpec, model_loader, masks: Artifact, calib: Ar
     weights = {f"{index}.{name}": linear.weight.detach().cpu().contiguous()
                for index, block in enumerate(arch.decoder_blocks(merged))
                for name, linear in arch.linear_layers(block).items()}
-    with store.writing("lora", key) as tmp:
-        save_file(weights, str(tmp / WEIGHTS_FILE))
-        store.write_json(tmp, RECORD_FILE, {**record, "spec": asdict(spec), "key": key})
-    return store.get("lora", key)
+    save_file(weights, str(out / WEIGHTS_FILE))
+    write_json(out, RECORD_FILE, {**record, "spec": asdict(spec), "key": spec.key()})
+
+
+STAGE = Stage("lora", build)
 
 
 @torch.no_grad()

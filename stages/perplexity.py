@@ -9,27 +9,27 @@ mean over windows. ``windows`` limits the count for a quick estimate.
 from __future__ import annotations
 
 import math
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from stages import data
+from stages.mask_files import load_masked_model
+from stages.model_source import ModelSource, load_tokenizer
 from stages.progress import Progress
-from store import code_version, digest_json
+from stages.stage import Spec, Stage, result_json
+from store import Artifact, write_json
 
 
 @dataclass(frozen=True)
-class PerplexitySpec:
-    model_digest: str
+class PerplexitySpec(Spec):
+    model_digest: str  # the model's, or for a pruned model the model's and its masks'
     corpus_digest: str
-    seqlen: int = 2048
-    windows: int | None = None  # None: every window
-    dtype: str = "float32"
-
-    def key(self) -> str:
-        me = sys.modules[__name__]
-        return digest_json({**asdict(self), "code": code_version(me)})[:32]
+    seqlen: int
+    windows: int | None  # None: every window
+    dtype: str
 
 
 _TOKEN_COUNTS: dict[tuple[str, str], int] = {}  # (corpus digest, tokenizer) -> tokens
@@ -62,22 +62,20 @@ def perplexity(model, windows: torch.Tensor, device: torch.device) -> dict:
     return {"perplexity": math.exp(mean), "mean_loss": mean, "windows": len(losses)}
 
 
-def evaluate(store, spec: PerplexitySpec, model_loader, text: str, tokenizer,
-             device) -> dict:
-    """Perplexity of a model on a corpus, stored as JSON under its content key."""
-    import json
+def build(spec: PerplexitySpec, out: Path, model: ModelSource, data_dir: str | None,
+          device: str, masks: Artifact | None = None) -> None:
+    """Perplexity of a model folder, or of the dense model with a mask artifact applied."""
+    from stages.devices import DTYPES, resolve_device
 
-    from stages.devices import DTYPES
-
-    key = spec.key()
-    if store.get("perplexity", key):
-        return json.loads((store.path("perplexity", key) / "result.json").read_text())
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    text = data.wikitext2_test(data.data_dir(data_dir)).texts[0]
+    ids = load_tokenizer(model)(text, return_tensors="pt")["input_ids"]
     windows = token_windows(ids, spec.seqlen, spec.windows)
-    model = model_loader(DTYPES[spec.dtype]).to(device)
-    result = {**perplexity(model, windows, device),
+    device = resolve_device(device)
+    loaded = load_masked_model(model, DTYPES[spec.dtype], masks).to(device)
+    result = {**perplexity(loaded, windows, device),
               "windows_total": ids.numel() // spec.seqlen, "seqlen": spec.seqlen,
               "tokens": ids.numel(), "dtype": spec.dtype}
-    with store.writing("perplexity", key) as tmp:
-        store.write_json(tmp, "result.json", result)
-    return result
+    write_json(out, "result.json", result)
+
+
+STAGE = Stage("perplexity", build, result_json)

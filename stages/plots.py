@@ -10,14 +10,11 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import pandas as pd
 
-STYLE = {"none": "-", "dsnot": ":", "ebft": "-", "mask": "--", "lora": "-."}
-MARKER = {"none": "o", "dsnot": "v", "ebft": "s", "mask": "D", "lora": "^"}
+from stages.recoveries import RECOVERIES
 
 
 def _label(method: str, finetune: str) -> str:
-    from stages.reports import FINETUNE_LABELS
-
-    return f"{method} {FINETUNE_LABELS[finetune]}".strip()
+    return f"{method} {RECOVERIES[finetune].label}".strip()
 
 
 def perplexity_vs_sparsity(rows: pd.DataFrame, path: Path) -> bool:
@@ -29,7 +26,7 @@ def perplexity_vs_sparsity(rows: pd.DataFrame, path: Path) -> bool:
     colors = {m: f"C{i}" for i, m in enumerate(sorted(part["method"].unique()))}
     for (method, finetune), group in part.groupby(["method", "finetune"]):
         group = group.sort_values("ratio")
-        ax.plot(group["ratio"] * 100, group["ppl"], STYLE[finetune], marker=MARKER[finetune],
+        ax.plot(group["ratio"] * 100, group["ppl"], RECOVERIES[finetune].line, marker=RECOVERIES[finetune].marker,
                 color=colors[method], label=_label(method, finetune))
     ax.axhline(part["dense_ppl"].iloc[0], color="black", linestyle="--", linewidth=1,
                label="dense")
@@ -74,7 +71,7 @@ def calibration_size(rows: pd.DataFrame, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (method, finetune, sparsity), group in rows.groupby(["method", "finetune", "sparsity"]):
         group = group.sort_values("nsamples")
-        ax.plot(group["nsamples"], group["ppl"], STYLE[finetune], marker=MARKER[finetune],
+        ax.plot(group["nsamples"], group["ppl"], RECOVERIES[finetune].line, marker=RECOVERIES[finetune].marker,
                 label=f"{_label(method, finetune)} {sparsity}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("calibration samples")

@@ -6,6 +6,8 @@ import logging
 import sys
 import time
 
+CACHE_NEUTRAL = "progress messages only"
+
 
 def logger() -> logging.Logger:
     try:  # inside a Prefect run the message also reaches the Prefect UI

@@ -17,22 +17,17 @@ from pathlib import Path
 
 import pandas as pd
 
-FINETUNE_LABELS = {"none": "", "dsnot": "w. DSnoT", "ebft": "w. EBFT", "mask": "w. EBFT (mask)",
-                   "lora": "w. LoRA"}
-STRUCTURED_METHODS = ("flap",)
-FINETUNE_ORDER = list(FINETUNE_LABELS)
+from stages.masks import is_structured
+from stages.recoveries import RECOVERIES, recovery_of
+
+FINETUNE_ORDER = list(RECOVERIES)
 
 
 def flatten(report: dict) -> dict:
     """One configuration's run report as one flat row."""
     cfg = report["config"]
     base, _, refine = cfg["prune"]["method"].partition("+")
-    if refine:
-        finetune = "dsnot"
-    elif cfg["finetune"] in ("none", "lora"):
-        finetune = cfg["finetune"]
-    else:
-        finetune = "mask" if cfg["train"]["tune"] == "mask" else "ebft"
+    finetune = recovery_of(cfg["prune"]["method"], cfg["finetune"], cfg["train"]["tune"]).name
     ppl = report["perplexity"]
     final = ppl["finetuned"] or ppl["pruned"]
     seconds = report["seconds"]
@@ -41,7 +36,7 @@ def flatten(report: dict) -> dict:
     row = {
         "model": report["model"]["name"], "method": base, "finetune": finetune,
         "sparsity": cfg["prune"]["pattern"] or f"{cfg['prune']['sparsity']:.0%}",
-        "structured": base in STRUCTURED_METHODS,
+        "structured": is_structured(base),
         "parameters": params.get("remaining"), "parameters_total": params.get("total"),
         "ratio": report["mask_report"]["overall_sparsity"],
         "nsamples": cfg["dense"]["nsamples"], "dense_ppl": ppl["dense"]["perplexity"],
@@ -88,7 +83,7 @@ def sort_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _row_label(method: str, finetune: str) -> str:
-    return f"{method.capitalize()} {FINETUNE_LABELS[finetune]}".strip()
+    return f"{method.capitalize()} {RECOVERIES[finetune].label}".strip()
 
 
 def perplexity_table(rows: pd.DataFrame, structured: bool) -> pd.DataFrame:

@@ -28,8 +28,9 @@ import store.activations as acts
 from stages.capture import ZARR_NAME
 from stages.errors import UserError
 from stages.masks import flap
+from stages.model_source import ModelSource, load_model
 from stages.progress import Progress
-from store import Artifact, Store
+from store import Artifact, write_json
 
 ATTN_OUT, MLP_OUT = "self_attn.o_proj", "mlp.down_proj"
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", ATTN_OUT,
@@ -58,17 +59,19 @@ def check_model(model, with_bias: bool) -> flap.Layout:
     return layout_of(model.config)
 
 
-def build(store: Store, spec, model_loader, activations: Artifact,
-          device: torch.device) -> Artifact:
-    """Score every block, search the structure, store masks + biases (see module doc)."""
-    from stages.devices import DTYPES
-    from stages.pruning import BIASES_FILE, MASKS_FILE, REPORT_FILE, collect_stats, save_masks
+def build(spec, out: Path, source: ModelSource, activations: Artifact, device: str) -> None:
+    """Score every block, search the structure, write masks + biases (see module doc);
+    the mask stage's build for structured methods (``stages.pruning.build``)."""
+    from stages.block_stats import collect_stats
+    from stages.devices import DTYPES, resolve_device
+    from stages.mask_files import BIASES_FILE, MASKS_FILE, REPORT_FILE, save_masks, sparsity_report
 
-    key = spec.key()
     started = time.monotonic()
+    device = resolve_device(device)
     dtype = DTYPES[spec.dtype]
-    model = model_loader(dtype)
-    layout = check_model(model, spec.flap_bias)
+    model = load_model(source, dtype)
+    (method,) = spec.methods()
+    layout = check_model(model, method.bias)
     blocks = arch.decoder_blocks(model)
     dense = acts.open_group(Path(activations.path) / ZARR_NAME)
     n, seqlen, _ = dense.attrs["shape"]
@@ -101,32 +104,28 @@ def build(store: Store, spec, model_loader, activations: Artifact,
         progress.update(index + 1)
 
     groups, channels = flap.search(torch.stack(attn), torch.stack(mlp), layout, spec.sparsity,
-                                   spec.flap_structure)
+                                   method.structure)
     masks, biases = {}, {}
     for index, block in enumerate(blocks):
         block_keep = flap.block_masks(groups[index], channels[index], layout)
         linears = arch.linear_layers(block)
         for name, keep in block_keep.items():
             masks[f"{index}.{name}"] = keep
-        if spec.flap_bias:
+        if method.bias:
             for name in (ATTN_OUT, MLP_OUT):
                 kept_inputs = block_keep[name].any(0)
                 biases[f"{index}.{name}"] = flap.compensation(
                     linears[name].weight, means[index][name], kept_inputs).contiguous()
 
-    with store.writing("masks", key) as tmp:
-        from stages.pruning import sparsity_report
-
-        save_masks(tmp / MASKS_FILE, masks)
-        if biases:
-            save_file(biases, str(tmp / BIASES_FILE))
-        report = sparsity_report(masks, spec.parsed_pattern())
-        report.update(spec=asdict(spec), seconds=round(time.monotonic() - started, 1),
-                      calibration_samples=n,
-                      structure=structure_summary(groups, channels, layout),
-                      parameters=parameter_counts(model, masks, biases))
-        store.write_json(tmp, REPORT_FILE, report)
-    return store.get("masks", key)
+    save_masks(out / MASKS_FILE, masks)
+    if biases:
+        save_file(biases, str(out / BIASES_FILE))
+    report = sparsity_report(masks, spec.parsed_pattern())
+    report.update(spec=asdict(spec), seconds=round(time.monotonic() - started, 1),
+                  calibration_samples=n,
+                  structure=structure_summary(groups, channels, layout),
+                  parameters=parameter_counts(model, masks, biases))
+    write_json(out, REPORT_FILE, report)
 
 
 def structure_summary(groups: torch.Tensor, channels: torch.Tensor, layout: flap.Layout) -> dict:

@@ -15,13 +15,15 @@ from __future__ import annotations
 import gzip
 import json
 import string
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from stages.errors import UserError
-from store import code_version, digest_json, digest_path
+from stages.mask_files import load_masked_model
+from stages.model_source import ModelSource, load_tokenizer
+from stages.stage import Spec, Stage, result_json
+from store import Artifact, digest_json, digest_path, write_json
 
 
 def _jsonl(path: Path) -> Iterator[dict]:
@@ -216,17 +218,13 @@ def write_task_configs(names: list[str], directory: Path, out: Path) -> dict[str
 
 
 @dataclass(frozen=True)
-class ZeroShotSpec:
+class ZeroShotSpec(Spec):
     model_digest: str
     data_digest: str
     tasks: tuple[str, ...]
-    limit: int | None = None  # documents per task; None: all
-    batch_size: int = 16
-    dtype: str = "float32"
-
-    def key(self) -> str:
-        me = sys.modules[__name__]
-        return digest_json({**asdict(self), "code": code_version(me)})[:32]
+    limit: int | None  # documents per task; None: all
+    batch_size: int
+    dtype: str
 
 
 def summarize(results: dict, names: dict[str, str]) -> dict:
@@ -262,23 +260,25 @@ def evaluate(model, tokenizer, names: list[str], directory: Path | None, workdir
     return summarize(results, harness_names)
 
 
-def build(store, spec: ZeroShotSpec, model_loader, tokenizer, directory: Path | None,
-          device) -> dict:
-    """Zero-shot results of one model, stored as JSON under the spec's content key."""
+def build(spec: ZeroShotSpec, out: Path, model: ModelSource, data_dir: str | None,
+          device: str, masks: Artifact | None = None) -> None:
+    """Zero-shot accuracies (lm-eval) of a model folder, or of the dense model with masks."""
     import tempfile
 
-    from stages.devices import DTYPES
+    from stages.data import data_dir as resolve_data_dir
+    from stages.devices import DTYPES, resolve_device
 
-    key = spec.key()
-    if store.get("zeroshot", key):
-        return json.loads((store.path("zeroshot", key) / "result.json").read_text())
+    directory = resolve_data_dir(data_dir)
+    device = resolve_device(device)
     names, skipped = available(spec.tasks, directory)
-    model = model_loader(DTYPES[spec.dtype]).to(device).eval()
+    loaded = load_masked_model(model, DTYPES[spec.dtype], masks).to(device).eval()
     with tempfile.TemporaryDirectory(prefix="ebft-tasks-") as workdir:
-        result = evaluate(model, tokenizer, names, directory, Path(workdir), spec.limit,
-                          spec.batch_size, device) if names else {"tasks": {}, "mean_acc": None}
+        result = evaluate(loaded, load_tokenizer(model), names, directory, Path(workdir),
+                          spec.limit, spec.batch_size, device) if names else \
+            {"tasks": {}, "mean_acc": None}
     result |= {"skipped": skipped, "limit": spec.limit, "metric": "acc",
                "source": "hub" if directory is None else str(directory)}
-    with store.writing("zeroshot", key) as tmp:
-        store.write_json(tmp, "result.json", result)
-    return result
+    write_json(out, "result.json", result)
+
+
+STAGE = Stage("zeroshot", build, result_json)

@@ -1,7 +1,7 @@
 """Content-addressed artifact store: hashing, atomic writes, Zarr activation I/O."""
 
-from store.artifacts import Artifact, Store, StoreFull, StoreLocationError
+from store.artifacts import Artifact, Store, StoreFull, StoreLocationError, write_json
 from store.hashing import code_version, digest_json, digest_path
 
 __all__ = ["Artifact", "Store", "StoreFull", "StoreLocationError", "code_version", "digest_json",
-           "digest_path"]
+           "digest_path", "write_json"]

@@ -25,6 +25,8 @@ from pathlib import Path
 from store.hashing import digest_path
 from store.locks import StageLock, owned_by_a_gone_process, owner_note
 
+CACHE_NEUTRAL = "where and how artifacts are written, not what they hold"
+
 DIGEST_FILE, STAMP_FILE = "DIGEST", "STAMP"
 TMP_PREFIX, OWNER_SUFFIX = ".tmp-", ".owner"
 PUBLISHED_LOG = "published.jsonl"
@@ -246,5 +248,7 @@ class Store:
             os.replace(final, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
 
-    def write_json(self, folder: Path, name: str, obj: object) -> None:
-        (folder / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+def write_json(folder: Path, name: str, obj: object) -> None:
+    """A JSON file of an artifact, in a stable form (sorted keys, so equal content hashes equal)."""
+    (folder / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
-import inspect
+import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
+
+CACHE_NEUTRAL = "a change to the digests changes every key by itself"
 
 _CHUNK = 1 << 20
 
@@ -54,13 +57,110 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 
 
 def code_version(*modules: ModuleType) -> str:
-    """Digest of the modules' code, ignoring comments, docstrings and formatting.
+    """Digest of the code the modules run: their source and, transitively, that of every
+    project module they import (at the top or inside a function), ignoring comments,
+    docstrings and formatting.
 
-    A stage's cache key includes this, so changing what a stage computes invalidates its
-    artifacts, while editing prose does not.
+    A stage's cache key includes this, so editing anything a stage calls invalidates its
+    artifacts (and only the artifacts of stages that call it), while editing prose does
+    not. No list of modules is kept by hand: the imports are read from the code. A module
+    that cannot change what any stage stores (logging, locks, input checks) says so with a
+    top-level ``CACHE_NEUTRAL = "why"``; its imports are still followed.
     """
+    names = sorted(set().union(*(code_closure(m.__name__) for m in modules)))
     h = hashlib.sha256()
-    for module in modules:
-        tree = _strip_docstrings(ast.parse(inspect.getsource(module)))
-        h.update(ast.dump(tree).encode())
+    for name in names:
+        h.update(name.encode() + b"\0" + _module_digest(name).encode())
     return h.hexdigest()[:16]
+
+
+def code_closure(name: str) -> frozenset[str]:
+    """The project modules ``name`` imports, transitively, including ``name`` itself and the
+    packages above each of them (importing a module runs its package's ``__init__``)."""
+    root = _project_root(name)
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        todo.extend(n for n in _imports(current) if _in_project(n, root))
+        todo.extend(_parents(current))
+    return frozenset(seen)
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+@functools.cache
+def _origin(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+@functools.cache
+def _project_root(name: str) -> Path:
+    """The folder holding the top-level package of ``name``: the project's root."""
+    origin = _origin(name.split(".")[0])
+    if origin is None:
+        raise ValueError(f"{name}: no Python source to version")
+    return origin.parent.parent if origin.name == "__init__.py" else origin.parent
+
+
+def _in_project(name: str, root: Path) -> bool:
+    origin = _origin(name)
+    return origin is not None and origin.is_relative_to(root) and ".venv" not in origin.parts
+
+
+@functools.cache
+def _tree(name: str) -> ast.Module:
+    return ast.parse(_origin(name).read_text())
+
+
+@functools.cache
+def _imports(name: str) -> tuple[str, ...]:
+    """Every module ``name`` imports anywhere in its code; ``from p import x`` counts as
+    ``p.x`` when x is a module."""
+    package = name if _origin(name).name == "__init__.py" else name.rpartition(".")[0]
+    root = _project_root(name)
+    found = []
+    for node in ast.walk(_tree(name)):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            found.append(base)
+            if _in_project(base, root):  # never import a library to resolve its names
+                found += [f"{base}.{alias.name}" for alias in node.names
+                          if _origin(f"{base}.{alias.name}") is not None]
+    return tuple(found)
+
+
+@functools.cache
+def _module_digest(name: str) -> str:
+    tree = _tree(name)
+    if _is_neutral(tree):
+        return "neutral"
+    return digest_bytes(ast.dump(_strip_docstrings(tree)).encode())
+
+
+def _is_neutral(tree: ast.Module) -> bool:
+    return any(isinstance(node, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id == "CACHE_NEUTRAL" for t in node.targets)
+        for node in tree.body)
+
+
+def forget_code() -> None:
+    """Forget the code read so far, so the next ``code_version`` reads the files again (a
+    long-lived process whose project files changed on disk)."""
+    for cached in (_origin, _project_root, _tree, _imports, _module_digest):
+        cached.cache_clear()

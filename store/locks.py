@@ -28,6 +28,8 @@ import uuid
 from pathlib import Path
 from typing import Self
 
+CACHE_NEUTRAL = "who computes an artifact, not what it holds"
+
 logger = logging.getLogger("ebft")
 LEASE_ENV = "EBFT_LOCK_LEASE_SECONDS"
 DEFAULT_LEASE_S = 60.0

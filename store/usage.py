@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+CACHE_NEUTRAL = "measurements of time and memory"
+
 _lock = threading.Lock()
 _io_seconds = [0.0]
 

@@ -36,7 +36,8 @@ def run_fails(capsys, model, data_dir, store: Path, *flags: str) -> str:
     (["--lora-rank", "4"], "--lora-rank would be ignored"),
     (["--tune", "mask", "--lr", "1e-3"], "--lr would be ignored: --tune mask"),
     (["--mask-lr", "1e-2"], "--mask-lr would be ignored"),
-    (["--blocksize", "64"], "--blocksize would be ignored: they are SparseGPT's, not wanda's"),
+    (["--blocksize", "64"], ("--blocksize would be ignored: they set SparseGPT, and --method wanda "
+                                  "does not run it")),
     (["--dsnot-cycles", "5"], "--dsnot-cycles would be ignored"),
     (["--flap-structure", "UL-UM"], "--flap-structure would be ignored"),
     (["--method", "flap", "--sparsity", "0.2", "--mask-inputs", "dense"],

@@ -69,18 +69,6 @@ def test_negative_max_grad_norm_is_refused():
         TrainConfig(max_grad_norm=-1.0).validate(16)
 
 
-@pytest.mark.parametrize("flags, lr, epochs", [
-    ([], 1e-3, 2),  # our default: 5x the paper's rate (bench/vs_authors.py)
-    (["--preset", "paper"], 2e-4, 10),  # the paper's own settings
-    (["--preset", "paper", "--lr", "5e-4"], 5e-4, 10),  # a flag given wins over the preset
-])
-def test_presets_set_the_learning_rate_and_flags_win(flags, lr, epochs):
-    from flows.cli import build_parser, run_config
-
-    cfg = run_config(build_parser().parse_args(["run", *flags]))
-    assert (cfg.train.lr, cfg.train.max_epochs, cfg.train.max_grad_norm) == (lr, epochs, 1.0)
-
-
 def test_mask_tuning_swaps_weights_within_a_few_steps():
     """Kept and pruned scores start a small margin apart, so nine steps already change
     the choice (from a gap of 1 they could not) and lower the loss, 2:4 kept exact."""

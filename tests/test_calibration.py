@@ -3,7 +3,8 @@ import torch
 
 from stages import calibration, data
 from stages.errors import UserError
-from stages.model_source import load_tokenizer, resolve_model, tokenizer_digest
+from stages.model_source import resolve_model, tokenizer_digest
+from stages.stage import produce
 from store import Store
 
 
@@ -44,10 +45,14 @@ def test_build_stores_tokens_under_content_key(tmp_path, tiny_model, data_dir):
     model = resolve_model(str(tiny_model))
     corpus = data.c4_documents(data_dir)
     spec = calibration.CalibrationSpec(corpus.digest, tokenizer_digest(model), 6, 64, 0)
-    art = calibration.build(store, spec, corpus.texts, load_tokenizer(model))
+    art, built, _ = produce(calibration.STAGE, spec, store, {"model": model,
+                                                           "data_dir": str(data_dir)})
     tokens = calibration.load(art)
-    assert tokens.shape == (6, 64)
+    assert built and tokens.shape == (6, 64)
     assert art.key == spec.key() and store.verify(art)
+    again, built, _ = produce(calibration.STAGE, spec, store, {"model": model,
+                                                             "data_dir": str(data_dir)})
+    assert not built and again == art  # found under its key, not computed again
     other = calibration.CalibrationSpec(corpus.digest, tokenizer_digest(model), 6, 64, 1)
     assert other.key() != spec.key()
 

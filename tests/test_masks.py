@@ -66,8 +66,8 @@ def test_bad_patterns_are_clear_errors(sparsity, nm, match):
 
 
 def test_unknown_method_lists_the_valid_ones():
-    with pytest.raises(UserError, match="choose one of magnitude, sparsegpt, wanda, "
-                       "magnitude\\+dsnot, sparsegpt\\+dsnot, wanda\\+dsnot"):
+    with pytest.raises(UserError, match="choose one of magnitude, ria, sparsegpt, wanda, "
+                       "magnitude\\+dsnot, ria\\+dsnot, sparsegpt\\+dsnot, wanda\\+dsnot, flap"):
         split_method("nope")
     with pytest.raises(UserError, match="is unknown"):
         sparsify("nope", weight(), parse_pattern(0.5))
@@ -117,15 +117,51 @@ def test_the_mask_key_holds_only_the_parameters_the_method_reads():
 
     from stages.pruning import MaskSpec
 
+    every = {"sparsegpt": {"percdamp": 0.02, "blocksize": 64}, "dsnot": {"cycles": 5},
+             "flap": {"structure": "UL-UM"}, "ria": {"power": 1.0}}
     wanda = MaskSpec("model", "acts", method="wanda")
-    assert replace(wanda, percdamp=0.02, blocksize=64, dsnot_cycles=5,
-                   flap_structure="UL-UM").key() == wanda.key()
+    assert replace(wanda, params=every).key() == wanda.key()
     assert replace(wanda, sparsity=0.6).key() != wanda.key()
     sparsegpt = MaskSpec("model", "acts", method="sparsegpt")
-    assert replace(sparsegpt, percdamp=0.02).key() != sparsegpt.key()
-    assert replace(sparsegpt, dsnot_cycles=5).key() == sparsegpt.key()
+    assert replace(sparsegpt, params={"sparsegpt": {"percdamp": 0.02}}).key() != sparsegpt.key()
+    assert replace(sparsegpt, params={"dsnot": {"cycles": 5}}).key() == sparsegpt.key()
+    # a parameter given at its default is the same masks
+    assert replace(sparsegpt, params={"sparsegpt": {"percdamp": 0.01}}).key() == sparsegpt.key()
     dsnot = MaskSpec("model", "acts", method="sparsegpt+dsnot")
-    assert replace(dsnot, dsnot_cycles=5).key() != dsnot.key()
+    assert replace(dsnot, params={"dsnot": {"cycles": 5}}).key() != dsnot.key()
     flap = MaskSpec("model", "acts", method="flap", sparsity=0.2)
-    assert replace(flap, flap_bias=False).key() != flap.key()
+    assert replace(flap, params={"flap": {"bias": False}}).key() != flap.key()
     assert replace(flap, mask_inputs="dense").key() == flap.key()
+    assert replace(wanda, batch_size=2).key() == wanda.key()  # batching changes nothing stored
+
+
+def test_ria_scores_weights_relative_to_their_row_and_column():
+    """RIA (Zhang et al., 2024): |W| over its row's and its column's sums, times the input
+    norm to the power a. A weight that is small in absolute terms but large within a
+    quiet column survives where Wanda or magnitude would drop it."""
+    from stages.masks.ria import ria_scores
+
+    w = torch.tensor([[4.0, 0.1], [4.0, 0.2]])
+    norms = torch.ones(2)
+    scores = ria_scores(w, norms, 0.5)
+    expected = w / w.sum(1, keepdim=True) + w / w.sum(0, keepdim=True)
+    assert torch.allclose(scores, expected)
+    keep = sparsify("ria", w, parse_pattern(0.5), input_norms=norms).keep
+    assert keep.tolist() == [[True, False], [True, False]]  # per row, like Wanda
+    # the input norm enters as a power: a = 0 ignores it, a = 1 is Wanda's weighting
+    loud = torch.tensor([1.0, 100.0])
+    assert sparsify("ria", w, parse_pattern(0.5), input_norms=loud, power=1.0).keep[:, 1].all()
+    assert not sparsify("ria", w, parse_pattern(0.5), input_norms=loud,
+                        power=0.0).keep[:, 1].any()
+
+
+def test_a_method_is_one_class_whose_fields_are_its_flags_and_checks():
+    from stages.masks import METHODS, method_names
+
+    ria = METHODS["ria"]
+    assert ria.kind == "scorer" and "ria+dsnot" in method_names()
+    assert ria.flag("power") == "--ria-power"
+    assert METHODS["sparsegpt"].flag("percdamp") == "--percdamp"  # its published name
+    assert METHODS["dsnot"].flag("var_power") == "--dsnot-var-power"
+    assert ria(power=-1.0).problems() == ["--ria-power -1.0: must be >= 0"]
+    assert METHODS["flap"]().problems() == []

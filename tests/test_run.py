@@ -247,8 +247,8 @@ def test_bad_run_inputs_fail_in_one_line_and_leave_the_store_empty(
 @pytest.mark.parametrize("sparsity, pattern", [(0.6, None), (0.0, "2:4")])
 def test_mask_stage_on_a_tiny_llama(prefect_server, tmp_path_factory, model, data_dir, method,
                                     sparsity, pattern):
+    from stages.mask_files import REPORT_FILE, load_masks, pattern_holds
     from stages.masks.core import parse_pattern
-    from stages.pruning import REPORT_FILE, load_masks, pattern_holds
     from store import Artifact
 
     store = tmp_path_factory.getbasetemp() / "mask-stage-store"  # shared: one capture
@@ -300,7 +300,12 @@ def test_prefect_yaml_deployment_parameters_are_valid_configs(monkeypatch):
     assert nightly["sweep"].base.dense.eval_windows == 16  # sized for a night (README)
     assert nightly["sweep"].base.zeroshot.tasks == ()
     paper = sweep_flow.validate_parameters(sweeps["llama2-7b-paper"]["parameters"])["sweep"]
-    assert paper.base.dense.nsamples == 256 and paper.base.train.max_epochs == 10
+    from flows.config import build_config
+
+    preset = build_config("paper")  # the paper deployment is the paper preset on a GPU
+    assert paper.base.train == preset.train and paper.base.dense.eval_windows is None
+    assert paper.base.dense.nsamples == preset.dense.nsamples == 256
+    assert cfg.train == build_config().train  # the nightly main job is the default preset
 
 
 def test_no_block_task_loads_the_whole_model(prefect_server, tmp_path, model, data_dir,

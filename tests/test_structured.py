@@ -14,6 +14,7 @@ from flows.run import PruneConfig, run_flow
 from stages import structured
 from stages.lora import LoraSettings
 from stages.masks import flap
+from stages.masks.flap import FLAP
 
 LAYOUT = flap.Layout(hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=64)
 
@@ -196,7 +197,7 @@ def test_flap_without_bias_compensation_runs_on_qwen(prefect_server, tmp_path, d
 
     qwen = build_tiny_model(tmp_path / "qwen", "qwen2")
     cfg = flap_config(tmp_path / "s", qwen, data_dir, finetune="none", form="compact")
-    cfg = replace(cfg, prune=replace(cfg.prune, flap_bias=False))
+    cfg = replace(cfg, prune=replace(cfg.prune, flap=FLAP(bias=False)))
     report = run_flow(cfg)
     assert report["mask_report"]["parameters"]["bias_added"] == 0
     assert report["perplexity"]["pruned"]["perplexity"] > 0

@@ -36,7 +36,7 @@ def test_the_grid_expands_to_every_configuration():
     assert {(c.finetune, c.train.tune) for c in configs if "+" not in c.prune.method} == {
         ("none", "weights"), ("ebft", "weights"), ("ebft", "mask")}
     assert {c.prune.pattern for c in configs} == {None, "2:4"}
-    with pytest.raises(UserError, match="choose from none, ebft, dsnot, mask, lora"):
+    with pytest.raises(UserError, match="choose from none, dsnot, ebft, mask, lora"):
         expand(replace(sweep, finetunes=("qlora",)))
     lora = expand(replace(sweep, finetunes=("lora",)))
     assert {c.finetune for c in lora} == {"lora"}
@@ -114,14 +114,20 @@ def test_markdown_tables_are_well_formed():
     assert reports.markdown(table) == "| m | 50% |\n|---|---|\n| a | 10.00 |\n| b | – |"
 
 
-def test_every_recovery_has_a_plot_style_so_lora_rows_plot(tmp_path):
-    """A sweep with LoRA rows at two sparsities drew its plot with a style per recovery."""
+def test_every_recovery_plots_tabulates_and_names_itself(tmp_path):
+    """Rows of every registered recovery at two sparsities draw the plot and the table (a
+    LoRA sweep used to crash there after all the compute), and each configuration the grid
+    makes is named back as the recovery it came from (LoRA runs used to print as EBFT)."""
     from stages import plots
+    from stages.recoveries import RECOVERIES, recovery_of
 
-    assert set(plots.STYLE) == set(plots.MARKER) == set(reports.FINETUNE_LABELS)
-    rows = pd.DataFrame([{"model": "m", "method": "flap", "finetune": f, "sparsity": s,
+    rows = pd.DataFrame([{"model": "m", "method": "wanda", "finetune": f, "sparsity": s,
                           "ratio": r, "ppl": 10.0 + r, "dense_ppl": 9.0, "nsamples": 8,
                           "eval_windows": "2/2"}
-                         for f in ("none", "lora") for s, r in (("20%", 0.2), ("30%", 0.3))])
+                         for f in RECOVERIES for s, r in (("20%", 0.2), ("30%", 0.3))])
     assert plots.perplexity_vs_sparsity(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    sweep = SweepConfig(RunConfig(), methods=("wanda",), sparsities=("0.5",),
+                        finetunes=tuple(RECOVERIES))
+    for name, cfg in zip(RECOVERIES, expand(sweep), strict=True):
+        assert recovery_of(cfg.prune.method, cfg.finetune, cfg.train.tune).name == name

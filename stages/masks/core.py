@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, fields
+from typing import ClassVar
 
 import torch
 
@@ -20,20 +20,52 @@ class Pruned:
 
 
 @dataclass(frozen=True)
-class Method:
-    fn: Callable[..., Pruned]
-    needs_hessian: bool = False
+class MaskMethod:
+    """A mask method: a frozen dataclass whose fields are its parameters, registered by name.
+
+    ``kind`` says how the mask stage runs it: a *scorer* chooses one layer's mask from its
+    calibration statistics; a *refiner* (DSnoT) reselects a scorer's mask and is written
+    ``scorer+refiner``; a *structured* method (FLAP) chooses whole heads and channels for the
+    whole model at once (its ``build`` does the stage's work). A new method is one module in
+    this package: a subclass decorated with ``@register``; its fields become its CLI flags
+    (``--<name>-<field>``, or the published name in ``flags``) and its own part of the mask
+    key, and nothing else has to change.
+    """
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "scorer"
+    needs_hessian: ClassVar[bool] = False  # SparseGPT: Σ x xᵀ of each layer's inputs
+    flags: ClassVar[dict[str, str]] = {}  # field -> published flag name, when not the default
+
+    def __call__(self, weight: torch.Tensor, pattern: Pattern, **stats) -> Pruned:
+        """One layer's mask (a refiner also gets ``keep``, the mask to reselect)."""
+        raise NotImplementedError(f"{self.name} is {self.kind}: it has no per-layer mask")
+
+    def problems(self) -> list[str]:
+        """What is wrong with the parameters, each as a one-line message naming the flag."""
+        return []
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        return cls.flags.get(name) or f"--{cls.name}-{name.replace('_', '-')}"
+
+    @classmethod
+    def parameters(cls) -> list[Field]:
+        return list(fields(cls))
 
 
-METHODS: dict[str, Method] = {}
+def param(default, help: str):
+    """A method parameter: its default, and the help its CLI flag shows."""
+    return field(default=default, metadata={"help": help})
 
 
-def register(name: str, needs_hessian: bool = False):
-    """Add a method to the registry; a new method is one new module using this decorator."""
-    def add(fn):
-        METHODS[name] = Method(fn, needs_hessian)
-        return fn
-    return add
+METHODS: dict[str, type[MaskMethod]] = {}
+
+
+def register(cls: type[MaskMethod]) -> type[MaskMethod]:
+    """Add a method class to the registry (see ``MaskMethod``)."""
+    METHODS[cls.name] = cls
+    return cls
 
 
 @dataclass(frozen=True)
@@ -96,30 +128,37 @@ def check_nm_fits(cols: int, pattern: Pattern) -> None:
                         f"divisible by {pattern.m}, but one layer has {cols} inputs")
 
 
-# Methods that choose whole structures for the whole model at once (stages.structured), not
-# one layer at a time through the registry.
-STRUCTURED = ("flap",)
+def names_of(kind: str) -> list[str]:
+    return sorted(name for name, cls in METHODS.items() if cls.kind == kind)
 
 
 def method_names() -> list[str]:
-    """Every valid --method: the base methods, each with DSnoT reselection on top, and the
-    structured ones."""
-    bases = sorted(name for name in METHODS if name != "dsnot")
-    return bases + [f"{name}+dsnot" for name in bases] + list(STRUCTURED)
+    """Every valid --method: each scorer, each scorer with each refiner on top
+    (``wanda+dsnot``), and each structured method."""
+    scorers = names_of("scorer")
+    return scorers + [f"{s}+{r}" for r in names_of("refiner") for s in scorers] + \
+        names_of("structured")
 
 
-def split_method(name: str) -> tuple[str, bool]:
-    """'wanda+dsnot' -> ('wanda', True); raises a one-line error listing the valid names."""
+def split_method(name: str) -> list[type[MaskMethod]]:
+    """'wanda+dsnot' -> [Wanda, DSnoT]; raises a one-line error listing the valid names."""
     if name not in method_names():
         raise UserError(f"--method {name!r} is unknown; choose one of "
                         f"{', '.join(method_names())}")
-    base, _, refine = name.partition("+")
-    return base, refine == "dsnot"
+    return [METHODS[part] for part in name.split("+")]
 
 
-def sparsify(method: str, weight: torch.Tensor, pattern: Pattern, **stats) -> Pruned:
-    """Run one registered method on one layer's weight with its calibration statistics."""
-    if method not in METHODS:
-        raise UserError(f"--method {method!r} is unknown; choose one of "
+def is_structured(name: str) -> bool:
+    return name in METHODS and METHODS[name].kind == "structured"
+
+
+def sparsify(name: str, weight: torch.Tensor, pattern: Pattern, **stats_and_params) -> Pruned:
+    """Run one registered method on one layer: keyword arguments that are the method's
+    parameters configure it (defaults otherwise), the rest are its calibration statistics."""
+    if name not in METHODS:
+        raise UserError(f"--method {name!r} is unknown; choose one of "
                         f"{', '.join(method_names())}")
-    return METHODS[method].fn(weight, pattern, **stats)
+    cls = METHODS[name]
+    own = {f.name for f in fields(cls)}
+    method = cls(**{k: v for k, v in stats_and_params.items() if k in own})
+    return method(weight, pattern, **{k: v for k, v in stats_and_params.items() if k not in own})

@@ -12,9 +12,11 @@ Published defaults: 50 cycles, threshold 0.1, variance power 1 (DSnoT's README c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from stages.masks.core import Pattern, Pruned, register
+from stages.masks.core import MaskMethod, Pattern, Pruned, param, register
 from stages.masks.wanda import wanda_scores
 
 INF = float("inf")
@@ -25,11 +27,30 @@ def expected_error(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor)
     return (weight.float() * mean.float().reshape(1, -1) * ~keep).sum(dim=1)
 
 
-@register("dsnot")
-def dsnot(weight: torch.Tensor, pattern: Pattern, *, keep: torch.Tensor,
+@register
+@dataclass(frozen=True)
+class DSnoT(MaskMethod):
+    name = "dsnot"
+    kind = "refiner"
+    cycles: int = param(50, "at most this many swaps per row")
+    threshold: float = param(0.1, "rows whose |expected error| is below this stop swapping")
+    var_power: float = param(1.0, "power of the input variance in the regrowing score")
+
+    def __call__(self, weight: torch.Tensor, pattern: Pattern, *, keep: torch.Tensor,
+                 input_norms: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                 **_) -> Pruned:
+        """Reselect ``keep`` (from Wanda or SparseGPT) for the weights as they are."""
+        return dsnot(weight, pattern, keep, input_norms, mean, var, self.cycles,
+                     self.threshold, self.var_power)
+
+    def problems(self) -> list[str]:
+        return [f"{self.flag(name)} {getattr(self, name)}: must be >= 0"
+                for name in ("cycles", "threshold", "var_power") if getattr(self, name) < 0]
+
+
+def dsnot(weight: torch.Tensor, pattern: Pattern, keep: torch.Tensor,
           input_norms: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-          max_cycles: int = 50, threshold: float = 0.1, var_power: float = 1.0,
-          **_) -> Pruned:
+          max_cycles: int = 50, threshold: float = 0.1, var_power: float = 1.0) -> Pruned:
     """Reselect ``keep`` (from Wanda or SparseGPT) for the weights as they are."""
     w = weight.float()
     keep = keep.clone()

@@ -30,7 +30,24 @@ from dataclasses import dataclass
 
 import torch
 
+from stages.masks.core import MaskMethod, param, register
+
 STRUCTURES = ("AL-AM", "UL-UM")
+
+
+@register
+@dataclass(frozen=True)
+class FLAP(MaskMethod):
+    name = "flap"
+    kind = "structured"  # the whole model at once: stages.structured.build
+    structure: str = param("AL-AM", "AL-AM (global ranking, per-layer widths) or UL-UM (the "
+                           "same share in every layer)")
+    bias: bool = param(True, "bias compensation for the removed channels")
+
+    def problems(self) -> list[str]:
+        if self.structure not in STRUCTURES:
+            return [f"--flap-structure {self.structure!r}: choose {' or '.join(STRUCTURES)}"]
+        return []
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,12 @@ not-yet-visited columns through the Cholesky factor of H⁻¹, so the kept weigh
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from stages.masks.core import Pattern, Pruned, check_nm_fits, register
+from stages.masks.core import MaskMethod, Pattern, Pruned, check_nm_fits, param, register
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor,
@@ -25,9 +28,29 @@ def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor,
     return torch.linalg.cholesky(h_inv, upper=True).float()
 
 
-@register("sparsegpt", needs_hessian=True)
-def sparsegpt(weight: torch.Tensor, pattern: Pattern, *, hessian: torch.Tensor,
-              blocksize: int = 128, percdamp: float = 0.01, **_) -> Pruned:
+@register
+@dataclass(frozen=True)
+class SparseGPT(MaskMethod):
+    name = "sparsegpt"
+    needs_hessian = True
+    flags: ClassVar[dict[str, str]] = {"blocksize": "--blocksize", "percdamp": "--percdamp"}
+    blocksize: int = param(128, "columns pruned and updated together")
+    percdamp: float = param(0.01, "dampening λ of the Hessian, a fraction of its mean diagonal")
+
+    def __call__(self, weight: torch.Tensor, pattern: Pattern, *, hessian: torch.Tensor,
+                 **_) -> Pruned:
+        return sparsegpt(weight, pattern, hessian, self.blocksize, self.percdamp)
+
+    def problems(self) -> list[str]:
+        return [message for ok, message in (
+            (self.blocksize >= 1, f"--blocksize {self.blocksize}: must be at least 1"),
+            (0 < self.percdamp <= 1,
+             (f"--percdamp {self.percdamp}: must be in (0, 1], a fraction of the mean "
+              "Hessian diagonal (SparseGPT uses 0.01)"))) if not ok]
+
+
+def sparsegpt(weight: torch.Tensor, pattern: Pattern, hessian: torch.Tensor,
+              blocksize: int = 128, percdamp: float = 0.01) -> Pruned:
     """hessian: Σ x xᵀ over calibration tokens (any positive scale: only ratios matter)."""
     w = weight.detach().float().clone()
     cols = w.shape[1]

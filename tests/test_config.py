@@ -1,0 +1,102 @@
+"""One source of defaults (the config dataclasses), presets as partial configs, and flags or
+``--set section.field=value`` on top; method flags come from the method registry."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from flows.cli import build_parser, config_of, refuse_ignored, settings
+from flows.config import PRESETS, RunConfig, build_config, config_paths
+from stages.errors import UserError
+from stages.masks import METHODS
+
+
+def parse(*argv: str):
+    args = build_parser().parse_args(["run", *argv])
+    return config_of(args), settings(args)
+
+
+def test_without_flags_a_run_is_the_config_defaults_and_the_default_preset_is_empty():
+    assert PRESETS["default"] == {}
+    assert parse()[0] == RunConfig() == build_config()
+    # the EBFT settings a deployment gets from YAML without naming them are the CLI's too
+    assert (RunConfig().train.max_epochs, RunConfig().train.batch_size) == (2, 2)
+
+
+def test_the_parser_holds_no_default_of_its_own():
+    """Every flag that sets a field is absent from the parsed arguments unless given, so
+    nothing but the config dataclasses can hold a default."""
+    run = build_parser().parse_args(["run"])
+    assert not [name for name in vars(run) if name.startswith("set:")]
+
+
+@pytest.mark.parametrize("flags, lr, epochs", [
+    ([], 1e-3, 2),  # our default: 5x the paper's rate (bench/vs_authors.py)
+    (["--preset", "paper"], 2e-4, 10),  # the paper's own settings
+    (["--preset", "paper", "--lr", "5e-4"], 5e-4, 10),  # a flag given wins over the preset
+    (["--preset", "paper", "--set", "train.lr=5e-4"], 5e-4, 10),  # and so does --set
+])
+def test_presets_are_partial_configs_and_flags_win(flags, lr, epochs):
+    cfg, _ = parse(*flags)
+    assert (cfg.train.lr, cfg.train.max_epochs, cfg.train.max_grad_norm) == (lr, epochs, 1.0)
+
+
+def test_set_reaches_every_field_with_its_type():
+    cfg, given = parse("--method", "sparsegpt", "--set", "prune.sparsegpt.percdamp=0.02",
+                       "--set", "train.tolerance=0.05", "--set", "dense.eval_windows=all",
+                       "--set", "prune.flap.bias=off", "--set", "zeroshot.tasks=piqa,boolq",
+                       "--train-norms")
+    assert cfg.prune.sparsegpt.percdamp == 0.02 and cfg.train.tolerance == 0.05
+    assert cfg.dense.eval_windows is None and cfg.prune.flap.bias is False
+    assert cfg.zeroshot.tasks == ("piqa", "boolq") and cfg.train.train_norms is True
+    assert given["prune.sparsegpt.percdamp"][0] == "--set prune.sparsegpt.percdamp"
+    assert set(config_paths()) >= {"dense.nsamples", "prune.ria.power", "lora.rank",
+                                   "zeroshot.limit", "keep_boundaries"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--set", "train.tolerence=0.1"], "--set train.tolerence: no such setting"),
+    (["--set", "tolerance=0.1"], "did you mean train.tolerance?"),
+    (["--set", "train.lr"], "write SECTION.FIELD=VALUE"),
+    (["--set", "train.lr=fast"], "--set train.lr 'fast': not a float"),
+    (["--nsamples", "many"], "--nsamples 'many': not an integer"),
+    (["--flap-bias", "maybe"], "--flap-bias 'maybe': not on or off"),
+    (["--preset", "huge"], "--preset 'huge': choose default or paper"),
+])
+def test_bad_settings_are_one_line_errors_naming_the_flag(flags, message):
+    with pytest.raises(UserError, match=message.replace("?", "\\?")):
+        parse(*flags)
+
+
+def test_every_parameter_of_every_method_is_a_flag_and_a_setting():
+    help_text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()
+    for name, cls in METHODS.items():
+        for field in dataclasses.fields(cls):
+            assert cls.flag(field.name) in help_text
+            assert f"prune.{name}.{field.name}" in config_paths()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--blocksize", "64"], ("--blocksize would be ignored: they set SparseGPT, and --method "
+                            "wanda does not run it")),
+    (["--set", "prune.sparsegpt.percdamp=0.02"], ("--set prune.sparsegpt.percdamp would be "
+                                                  "ignored")),
+    (["--method", "sparsegpt", "--ria-power", "1"], "--ria-power would be ignored"),
+    (["--finetune", "none", "--set", "train.tolerance=0.1"], "--finetune none trains nothing"),
+    (["--method", "flap", "--mask-inputs", "dense"], "--mask-inputs would be ignored"),
+])
+def test_a_setting_the_run_would_ignore_is_refused(flags, message):
+    cfg, given = parse(*flags)
+    with pytest.raises(UserError, match=message):
+        refuse_ignored(cfg, given)
+
+
+def test_a_method_flag_reaches_the_mask_key():
+    from flows.run import mask_spec_for
+
+    cfg, _ = parse("--method", "ria", "--ria-power", "1.0")
+    default, _ = parse("--method", "ria")
+    spec, base = (mask_spec_for(c, "m", "a", "float32") for c in (cfg, default))
+    assert spec.methods()[0].power == 1.0 and spec.key() != base.key()
