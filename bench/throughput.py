@@ -78,7 +78,7 @@ def matmul_peak(size: int, dtype: torch.dtype, device: torch.device,
 
 
 def block_flops(block, batch: int, seqlen: int, hidden: int) -> float:
-    import stages.architecture as arch
+    import stages.model.architecture as arch
 
     linear = sum(m.weight.numel() for m in arch.linear_layers(block).values())
     tokens = batch * seqlen
@@ -88,7 +88,7 @@ def block_flops(block, batch: int, seqlen: int, hidden: int) -> float:
 def time_steps(block, keep, kwargs, cfg, device, batch, seqlen, hidden, steps) -> list[float]:
     """Seconds per EBFT step: the production step itself (BlockTuner.step: forward, MSE,
     backward, masked update), on random inputs."""
-    from stages.block_training import BlockTuner, autocast_for
+    from stages.recovery.block_training import BlockTuner, autocast_for
 
     tuner = BlockTuner(block, keep, cfg, nm_m=0)
     amp = autocast_for(cfg, device, torch.float32)
@@ -110,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import copy
 
-    import stages.architecture as arch
-    from stages.block_training import TrainConfig
-    from stages.devices import resolve_device
+    import stages.model.architecture as arch
     from stages.masks import parse_pattern, sparsify
-    from stages.model_source import load_model, resolve_model
+    from stages.model.devices import resolve_device
+    from stages.model.model_source import load_model, resolve_model
+    from stages.recovery.block_training import TrainConfig
 
     device = resolve_device(args.device)
     precisions = args.precisions.split(",")

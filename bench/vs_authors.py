@@ -13,7 +13,7 @@ Each uses its own default learning rate: theirs 2e-4 (``--lr``), ours ``TrainCon
   parameter trainable (norms too) with the mask applied in the forward pass, AdamW with
   weight decay 0.1, gradient clipping at 1.0, a fixed number of epochs, no caching. (Their
   fp16 autocast is CUDA-only, so on CPU it trains in fp32, like ours.)
-- ours: ``stages.block_training.train_block``: activations streamed from Zarr in batches,
+- ours: ``stages.recovery.block_training.train_block``: activations streamed from Zarr in batches,
   only the linear weights trained, masked gradients, gradient clipping at 1.0, early stop
   on a held-out window.
 - ours+norms: the same with ``--train-norms`` (the norm scales train too, as in theirs).
@@ -83,11 +83,11 @@ def newest_capture(store: Path) -> Path:
 
 def setup(args: argparse.Namespace):
     """The block, its Wanda 50% keep-masks, the dense inputs/targets, and the row split."""
-    import stages.architecture as arch
+    import stages.model.architecture as arch
     import store.activations as acts
-    from stages.block_stats import collect_stats
     from stages.masks import parse_pattern, sparsify
-    from stages.model_source import load_model, resolve_model
+    from stages.masks.block_stats import collect_stats
+    from stages.model.model_source import load_model, resolve_model
 
     capture = Path(args.activations) if args.activations else newest_capture(Path(args.store))
     group = acts.open_group(capture)
@@ -121,7 +121,7 @@ def setup(args: argparse.Namespace):
 
 
 def mse(block, x: torch.Tensor, y: torch.Tensor, kwargs_for, batch: int) -> float:
-    import stages.architecture as arch
+    import stages.model.architecture as arch
 
     total = 0.0
     with torch.no_grad():
@@ -135,7 +135,7 @@ def mse(block, x: torch.Tensor, y: torch.Tensor, kwargs_for, batch: int) -> floa
 
 def authors(block, keep, rows, kwargs_for, train_rows, args) -> dict:
     """In memory, all parameters, mask in the forward pass, clipping, fixed epochs."""
-    import stages.architecture as arch
+    import stages.model.architecture as arch
 
     inps, outs = rows(args.block, train_rows), rows(args.block + 1, train_rows)
     linears = arch.linear_layers(block)
@@ -181,7 +181,7 @@ class _Masked(torch.nn.Module):
 
 def overrides(settings: list[str]) -> dict:
     """``["max_grad_norm=1", "train_norms=true"]`` -> typed TrainConfig fields."""
-    from stages.block_training import TrainConfig
+    from stages.recovery.block_training import TrainConfig
 
     types = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
     out = {}
@@ -196,7 +196,7 @@ def overrides(settings: list[str]) -> dict:
 
 
 def ours(block, keep, rows, kwargs_for, train_rows, holdout_rows, args) -> dict:
-    from stages.block_training import TrainConfig, train_block
+    from stages.recovery.block_training import TrainConfig, train_block
 
     cfg = TrainConfig(batch_size=args.batch_size, max_epochs=args.epochs,
                       tolerance=args.tolerance, autocast="auto", seed=args.seed,
@@ -212,7 +212,7 @@ def ours(block, keep, rows, kwargs_for, train_rows, holdout_rows, args) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
-    import stages.architecture as arch
+    import stages.model.architecture as arch
 
     block, keep, rows, kwargs_for, train_rows, holdout_rows, capture = setup(args)
     x_train, y_train = rows(args.block, train_rows), rows(args.block + 1, train_rows)

@@ -281,7 +281,7 @@ def settings(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
 
 def convert_flag(flag: str, raw: str, hint, convert):
     if flag == "--tasks":
-        from stages.zeroshot import parse_tasks
+        from stages.evaluation.zeroshot import parse_tasks
 
         return parse_tasks(raw) if raw else ()
     return convert(raw, hint, flag)
@@ -439,7 +439,7 @@ def _report(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from stages import reports
+    from stages.reporting import reports
     from store import Store
 
     store = Store(args.store)
@@ -471,7 +471,7 @@ def print_summary(report: dict) -> None:
     dense, sparse = report["perplexity"]["dense"], report["perplexity"]["finetuned"]
     cfg, masks = report["config"], report["mask_report"]
     label = f"{cfg['prune']['method']} {masks['pattern']}"
-    from stages.recoveries import recovery_of
+    from stages.recovery.recoveries import recovery_of
 
     tuned = recovery_of(cfg["prune"]["method"], cfg["finetune"], cfg["train"]["tune"]).summary
     print(f"\nmodel        {report['model']['name']} on {report['device']} / {report['dtype']}")

@@ -15,10 +15,10 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
-from stages.block_training import TrainConfig
 from stages.errors import UserError
-from stages.lora import LoraSettings
 from stages.masks import METHODS
+from stages.recovery.block_training import TrainConfig
+from stages.recovery.lora import LoraSettings
 from store import digest_json
 
 

@@ -9,11 +9,19 @@ from prefect import flow
 
 from flows.caching import StageLog, run_stage
 from flows.config import DenseConfig
-from stages import calibration, capture, checks, data
-from stages import perplexity as ppl
-from stages.devices import resolve_device, resolve_dtype
+from stages import checks
 from stages.errors import UserError
-from stages.model_source import ModelSource, load_tokenizer, resolve_model, tokenizer_digest
+from stages.evaluation import perplexity as ppl
+from stages.inputs import calibration, capture, data
+from stages.model.devices import resolve_device, resolve_dtype
+from stages.model.model_source import (
+    ModelSource,
+    declared_context,
+    load_tokenizer,
+    meta_model,
+    resolve_model,
+    tokenizer_digest,
+)
 from store import Store
 
 
@@ -83,22 +91,6 @@ def deployment_run() -> bool:
         return False
 
 
-def declared_context(name: str) -> int | None:
-    """The context length a model declares, read without converting or loading it."""
-    from stages.model_source import DEFAULT_MODEL, default_gguf
-
-    if name == DEFAULT_MODEL:
-        gguf = default_gguf()
-        meta = checks.gguf_metadata(gguf, {"general.architecture"})
-        arch_name = meta.get("general.architecture", "llama")
-        return checks.gguf_metadata(gguf, {f"{arch_name}.context_length"}).get(
-            f"{arch_name}.context_length")
-    folder = Path(name).expanduser()
-    if (folder / "config.json").is_file():
-        return checks.model_config(folder).get("max_position_embeddings")
-    return None  # a hub id: checked once it is fetched
-
-
 def check_resources(cfg: DenseConfig, store: Store, meta, dtype: str,
                     capture_stored: bool) -> None:
     """Disk for the capture (unless stored), boundaries, masks and the saved model; memory
@@ -112,14 +104,6 @@ def check_resources(cfg: DenseConfig, store: Store, meta, dtype: str,
     memory = weight_bytes + cfg.nsamples * cfg.seqlen * 8 + \
         8 * cfg.batch_size * cfg.seqlen * max(hidden, config.intermediate_size) * 4
     checks.resources(store.root, disk, memory)
-
-
-def meta_model(model: ModelSource):
-    """The model's modules without weights (meta device): its shapes, for checks."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model.path))
 
 
 prepare = prepare_dense
@@ -159,9 +143,3 @@ def dense_flow(cfg: DenseConfig) -> dict:
         "activations": result["activations"].to_dict(), "perplexity": result["perplexity"],
         "states": log.states, "seconds": log.seconds, "usage": log.usage,
     }
-
-
-def load_model_config(model: ModelSource) -> dict:
-    import json
-
-    return json.loads((Path(model.path) / "config.json").read_text())

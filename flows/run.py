@@ -14,13 +14,17 @@ from prefect import flow
 from flows.caching import StageLog, run_stage
 from flows.config import DenseConfig, PruneConfig, RunConfig, ZeroShotConfig
 from flows.dense import Inputs, check_dense_flags, dense_stages, prepare_dense
-from stages import assembly, data, ebft, lora, pruning, zeroshot
-from stages import perplexity as ppl
-from stages.block_training import TrainConfig
-from stages.devices import DTYPES
 from stages.errors import UserError
-from stages.lora import LoraSettings
-from stages.model_source import ModelSource
+from stages.evaluation import perplexity as ppl
+from stages.evaluation import zeroshot
+from stages.inputs import data
+from stages.masks import pruning
+from stages.model import assembly
+from stages.model.devices import DTYPES
+from stages.model.model_source import ModelSource
+from stages.recovery import ebft, lora
+from stages.recovery.block_training import TrainConfig
+from stages.recovery.lora import LoraSettings
 from store import Artifact, Store, digest_json, write_json
 
 __all__ = ["DenseConfig", "LoraSettings", "PruneConfig", "RunConfig", "TrainConfig",
@@ -75,17 +79,17 @@ def prepare(cfg: RunConfig) -> Inputs:
 
 def check_structured(model: ModelSource, with_bias: bool) -> None:
     """FLAP's layout needs, checked on a meta model before anything runs."""
-    from flows.dense import meta_model
-    from stages.structured import check_model
+    from stages.masks.structured import check_model
+    from stages.model.model_source import meta_model
 
     check_model(meta_model(model), with_bias)
 
 
 def check_layers_fit(model: ModelSource, pattern) -> None:
     """N:M needs every pruned layer's input size divisible by M; checked on a meta model."""
-    import stages.architecture as arch
-    from flows.dense import meta_model
+    import stages.model.architecture as arch
     from stages.masks.core import check_nm_fits
+    from stages.model.model_source import meta_model
 
     for linear in arch.linear_layers(arch.decoder_blocks(meta_model(model))[0]).values():
         check_nm_fits(linear.in_features, pattern)
@@ -249,7 +253,7 @@ def mask_summary(masks: Artifact) -> dict:
     import json
     from pathlib import Path
 
-    from stages.mask_files import REPORT_FILE
+    from stages.masks.mask_files import REPORT_FILE
 
     report = json.loads((Path(masks.path) / REPORT_FILE).read_text())
     return {k: v for k, v in report.items() if k != "layers"}
@@ -263,6 +267,6 @@ def write_report(store: Store, cfg: RunConfig, report: dict) -> str:
 
 
 def load_config_layers(model: ModelSource) -> int:
-    from flows.dense import load_model_config
+    from stages.model.model_source import load_model_config
 
     return int(load_model_config(model)["num_hidden_layers"])

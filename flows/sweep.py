@@ -20,9 +20,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.run import RunConfig, prepare, run_flow
-from stages import reports
 from stages.errors import UserError
-from stages.recoveries import RECOVERIES, recovery_of
+from stages.recovery.recoveries import RECOVERIES, recovery_of
+from stages.reporting import reports
 from store import Store, digest_json, write_json
 
 
@@ -32,7 +32,7 @@ class SweepConfig:
     models: tuple[str, ...] = ()  # empty: the base config's model
     methods: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
     sparsities: tuple[str, ...] = ("0.5", "0.6", "0.7")  # ratios or N:M patterns
-    finetunes: tuple[str, ...] = ("none", "dsnot", "ebft")  # recoveries (stages.recoveries)
+    finetunes: tuple[str, ...] = ("none", "dsnot", "ebft")  # recoveries (stages.recovery.recoveries)
     nsamples: tuple[int, ...] = ()  # empty: the base config's
     parallel: int = 1  # configurations at once on the thread task runner
     task_runner: str = "threads"  # threads, dask or ray (Prefect's integrations)

@@ -55,7 +55,7 @@ def check_model_type(config: dict, where: str) -> None:
 
 def check_blocks(model) -> None:
     """The structure the stages need: decoder blocks, each with prunable linear layers."""
-    import stages.architecture as arch
+    import stages.model.architecture as arch
 
     blocks = arch.decoder_blocks(model)
     if not arch.linear_layers(blocks[0]):

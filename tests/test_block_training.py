@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import stages.architecture as arch
-from stages import block_training as training
-from stages.block_training import BlockTuner, TrainConfig
+import stages.model.architecture as arch
+from stages.recovery import block_training as training
+from stages.recovery.block_training import BlockTuner, TrainConfig
 
 
 def tiny_llama() -> LlamaForCausalLM:

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from stages import calibration, data
 from stages.errors import UserError
-from stages.model_source import resolve_model, tokenizer_digest
+from stages.inputs import calibration, data
+from stages.model.model_source import resolve_model, tokenizer_digest
 from stages.stage import produce
 from store import Store
 

@@ -4,10 +4,11 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-import stages.architecture as arch
+import stages.model.architecture as arch
 import store.activations as acts
-from stages import capture, perplexity
-from stages.model_source import load_model, resolve_model
+from stages.evaluation import perplexity
+from stages.inputs import capture
+from stages.model.model_source import load_model, resolve_model
 
 
 def direct_block_outputs(model, ids):

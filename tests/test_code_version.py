@@ -62,9 +62,13 @@ def test_the_version_follows_imports_and_ignores_prose_and_neutral_modules(tmp_p
 
 KEYS = """
 import json
-from stages import assembly, calibration, capture, ebft, lora, perplexity, pruning, zeroshot
-from stages.block_training import TrainConfig
-from stages.lora import LoraSettings
+from stages.model import assembly
+from stages.inputs import calibration, capture
+from stages.recovery import ebft, lora
+from stages.evaluation import perplexity, zeroshot
+from stages.masks import pruning
+from stages.recovery.block_training import TrainConfig
+from stages.recovery.lora import LoraSettings
 
 specs = {
     "calibration": calibration.CalibrationSpec("c4", "tok", 4, 64, 0),
@@ -103,24 +107,24 @@ def test_editing_a_helper_changes_the_keys_of_the_stages_that_call_it(tmp_path):
 
     # how a model and its tokenizer are loaded (was in no stage's list): every stage reads
     # one or the other (the version is per module, not per function)
-    assert changed_by("stages/model_source.py", "def load_model(source: ModelSource, dtype: "
+    assert changed_by("stages/model/model_source.py", "def load_model(source: ModelSource, dtype: "
                       "torch.dtype):", "def load_model(source: ModelSource, dtype: torch.dtype):"
                       "\n    dtype = dtype") == set(before)
     # how masks are put into a model (the pruned perplexity's loader was in no key)
     masks_applied = {"perplexity", "zeroshot", "ebft-block", "lora", "assembly", "masks wanda",
                      "masks wanda+dsnot", "masks sparsegpt"}
-    assert changed_by("stages/mask_files.py", "def apply_masks(model, artifact: Artifact) -> None:",
+    assert changed_by("stages/masks/mask_files.py", "def apply_masks(model, artifact: Artifact) -> None:",
                       "def apply_masks(model, artifact: Artifact) -> None:\n    model = model"
                       ) == masks_applied
     # one mask method: only the masks that run it
-    assert changed_by("stages/masks/dsnot.py", "    w = weight.float()\n",
+    assert changed_by("stages/masks/methods/dsnot.py", "    w = weight.float()\n",
                       "    w = weight.float() * 1\n") == {"masks wanda+dsnot"}
-    # EBFT's training loop: EBFT's blocks, and assembly (it imports stages.ebft to read the
+    # EBFT's training loop: EBFT's blocks, and assembly (it imports stages.recovery.ebft to read the
     # blocks); no mask, capture or evaluation stage
-    assert changed_by("stages/block_training.py", "MASK_MARGIN = 0.01",
+    assert changed_by("stages/recovery/block_training.py", "MASK_MARGIN = 0.01",
                       "MASK_MARGIN = 0.02") == {"ebft-block", "assembly"}
     # the calibration sampler: the stages built on calibration data (their inputs' keys
     # change with it anyway), never the evaluations of a model
-    assert changed_by("stages/calibration.py", "gen = torch.Generator().manual_seed(seed)",
+    assert changed_by("stages/inputs/calibration.py", "gen = torch.Generator().manual_seed(seed)",
                       "gen = torch.Generator().manual_seed(seed + 0)") == \
         set(before) - {"perplexity", "zeroshot"}

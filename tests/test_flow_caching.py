@@ -69,7 +69,7 @@ def test_two_concurrent_runs_compute_each_stage_once(prefect_server, tmp_path, d
                                                      monkeypatch):
     import threading
 
-    from stages import calibration, capture
+    from stages.inputs import calibration, capture
 
     calls = {"calibration": 0, "capture": 0}
 
@@ -100,7 +100,7 @@ def test_a_stage_lock_is_released_when_the_stage_ends_not_the_run(prefect_server
                                                                   data_dir, monkeypatch):
     """While the capture runs, the calibration it follows holds no lock any more (a sweep's
     other configurations wait for a stage, never for a whole configuration)."""
-    from stages import capture
+    from stages.inputs import capture
 
     held_during_capture = []
     real = capture.capture_dense

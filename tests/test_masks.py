@@ -3,7 +3,7 @@ import torch
 
 from stages.errors import UserError
 from stages.masks import LayerStats, parse_pattern, sparsify, split_method
-from stages.masks.dsnot import expected_error
+from stages.masks.methods.dsnot import expected_error
 
 
 def stats_of(x: torch.Tensor) -> dict:
@@ -115,7 +115,7 @@ def test_statistics_stay_on_the_inputs_device():
 def test_the_mask_key_holds_only_the_parameters_the_method_reads():
     from dataclasses import replace
 
-    from stages.pruning import MaskSpec
+    from stages.masks.pruning import MaskSpec
 
     every = {"sparsegpt": {"percdamp": 0.02, "blocksize": 64}, "dsnot": {"cycles": 5},
              "flap": {"structure": "UL-UM"}, "ria": {"power": 1.0}}
@@ -139,7 +139,7 @@ def test_ria_scores_weights_relative_to_their_row_and_column():
     """RIA (Zhang et al., 2024): |W| over its row's and its column's sums, times the input
     norm to the power a. A weight that is small in absolute terms but large within a
     quiet column survives where Wanda or magnitude would drop it."""
-    from stages.masks.ria import ria_scores
+    from stages.masks.methods.ria import ria_scores
 
     w = torch.tensor([[4.0, 0.1], [4.0, 0.2]])
     norms = torch.ones(2)

@@ -11,13 +11,13 @@ import torch
 from conftest import build_tiny_model
 from safetensors import safe_open
 
-import stages.block_training as training
+import stages.recovery.block_training as training
 from flows.cli import main
 from flows.dense import DenseConfig
 from flows.run import PruneConfig, RunConfig, run_flow
-from stages import architecture as arch
-from stages import ebft
-from stages.block_training import NonFiniteLoss, TrainConfig
+from stages.model import architecture as arch
+from stages.recovery import ebft
+from stages.recovery.block_training import NonFiniteLoss, TrainConfig
 
 
 def config(store: Path, model: Path, data_dir: Path, **overrides) -> RunConfig:
@@ -247,8 +247,8 @@ def test_bad_run_inputs_fail_in_one_line_and_leave_the_store_empty(
 @pytest.mark.parametrize("sparsity, pattern", [(0.6, None), (0.0, "2:4")])
 def test_mask_stage_on_a_tiny_llama(prefect_server, tmp_path_factory, model, data_dir, method,
                                     sparsity, pattern):
-    from stages.mask_files import REPORT_FILE, load_masks, pattern_holds
     from stages.masks.core import parse_pattern
+    from stages.masks.mask_files import REPORT_FILE, load_masks, pattern_holds
     from store import Artifact
 
     store = tmp_path_factory.getbasetemp() / "mask-stage-store"  # shared: one capture

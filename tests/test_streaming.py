@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-import stages.architecture as arch
-from stages.streaming import BlockLoader
+import stages.model.architecture as arch
+from stages.model.streaming import BlockLoader
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])

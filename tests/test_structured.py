@@ -11,10 +11,10 @@ from test_run import config, linear_weights
 
 from flows.cli import main
 from flows.run import PruneConfig, run_flow
-from stages import structured
-from stages.lora import LoraSettings
-from stages.masks import flap
-from stages.masks.flap import FLAP
+from stages.masks import structured
+from stages.masks.methods import flap
+from stages.masks.methods.flap import FLAP
+from stages.recovery.lora import LoraSettings
 
 LAYOUT = flap.Layout(hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=64)
 
@@ -154,7 +154,7 @@ def test_merged_lora_keeps_the_zeros_and_changes_the_kept_weights(flap_runs):
 
 
 def test_sweep_compares_none_lora_and_ebft_in_one_table(flap_runs, tmp_path):
-    from stages import reports
+    from stages.reporting import reports
 
     paths = [Path(r["report_path"]) for r in flap_runs.values()]
     rows = reports.load_reports(paths)

@@ -14,8 +14,8 @@ from flows.cli import main
 from flows.dense import DenseConfig
 from flows.run import RunConfig
 from flows.sweep import SweepConfig, check, expand, sweep_flow
-from stages import reports
 from stages.errors import UserError
+from stages.reporting import reports
 
 
 def base_config(store: Path, model: Path, data_dir: Path) -> RunConfig:
@@ -118,8 +118,8 @@ def test_every_recovery_plots_tabulates_and_names_itself(tmp_path):
     """Rows of every registered recovery at two sparsities draw the plot and the table (a
     LoRA sweep used to crash there after all the compute), and each configuration the grid
     makes is named back as the recovery it came from (LoRA runs used to print as EBFT)."""
-    from stages import plots
-    from stages.recoveries import RECOVERIES, recovery_of
+    from stages.recovery.recoveries import RECOVERIES, recovery_of
+    from stages.reporting import plots
 
     rows = pd.DataFrame([{"model": "m", "method": "wanda", "finetune": f, "sparsity": s,
                           "ratio": r, "ppl": 10.0 + r, "dense_ppl": 9.0, "nsamples": 8,

@@ -16,8 +16,8 @@ from conftest import build_tiny_model
 from flows.cli import main
 from flows.dense import DenseConfig
 from flows.run import PruneConfig, RunConfig, ZeroShotConfig, run_flow
-from stages import zeroshot
 from stages.errors import UserError
+from stages.evaluation import zeroshot
 
 SHARED = Path(os.environ.get("EBFT_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
 needs_data = pytest.mark.skipif(not (SHARED / "piqa").is_dir(),

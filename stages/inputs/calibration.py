@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages import data
 from stages.errors import UserError
-from stages.model_source import ModelSource, load_tokenizer
+from stages.inputs import data
+from stages.model.model_source import ModelSource, load_tokenizer
 from stages.stage import Spec, Stage
 from store import Artifact, write_json
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from stages.masks import is_structured
-from stages.recoveries import RECOVERIES, recovery_of
+from stages.recovery.recoveries import RECOVERIES, recovery_of
 
 FINETUNE_ORDER = list(RECOVERIES)
 
@@ -195,7 +195,7 @@ def build_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def write(rows: pd.DataFrame, out: Path, block_losses: dict[str, list[dict]]) -> dict:
     """Write rows and tables as CSV, Parquet and Markdown, and the plots as PNG."""
-    from stages import plots
+    from stages.reporting import plots
 
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "runs.csv", index=False)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from stages.masks.core import MaskMethod, Pattern, Pruned, param, register
-from stages.masks.wanda import wanda_scores
+from stages.masks.methods.wanda import wanda_scores
 
 INF = float("inf")
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import stages.architecture as arch
+import stages.model.architecture as arch
 from stages.errors import UserError
-from stages.model_source import ModelSource
+from stages.model.model_source import ModelSource
 from stages.progress import logger
 from stages.stage import Spec, Stage
 from store import Artifact, write_json
@@ -109,9 +109,9 @@ def train(model, ids: torch.Tensor, settings: LoraSettings, log=print) -> dict:
 def build(spec: LoraSpec, out: Path, model: ModelSource, masks: Artifact,
           calibration: Artifact, device: str) -> None:
     """Train LoRA adapters on the pruned model, merge them, store the projections."""
-    from stages import calibration as calib
-    from stages.devices import DTYPES, resolve_device
-    from stages.mask_files import apply_block, load_masked_model, load_masks
+    from stages.inputs import calibration as calib
+    from stages.masks.mask_files import apply_block, load_masked_model, load_masks
+    from stages.model.devices import DTYPES, resolve_device
 
     pruned = load_masked_model(model, DTYPES[spec.dtype], masks).to(resolve_device(device))
     record = train(pruned, calib.load(calibration), spec.settings, logger().info)

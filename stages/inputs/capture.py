@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-import stages.architecture as arch
+import stages.model.architecture as arch
 import store.activations as acts
-from stages.model_source import ModelSource, load_model
+from stages.model.model_source import ModelSource, load_model
 from stages.progress import Progress
 from stages.stage import Spec, Stage
 from store import Artifact
@@ -59,8 +59,8 @@ def capture_dense(model, tokens: torch.Tensor, out: Path, device: torch.device,
 def build(spec: CaptureSpec, out: Path, model: ModelSource, calibration: Artifact,
           device: str) -> None:
     """Capture the dense activations of every block boundary for a calibration set."""
-    from stages import calibration as calib
-    from stages.devices import DTYPES, resolve_device, storage_dtype
+    from stages.inputs import calibration as calib
+    from stages.model.devices import DTYPES, resolve_device, storage_dtype
 
     dtype = DTYPES[spec.dtype]
     loaded = load_model(model, dtype)

@@ -2,7 +2,7 @@
 
 The mask stage for ``--method flap``: every block is scored on the dense model's own inputs
 (read from the shared dense capture, as FLAP scores the unpruned model), then one global
-search picks the KV groups and MLP channels to keep (``stages.masks.flap``). The artifact is
+search picks the KV groups and MLP channels to keep (``stages.masks.methods.flap``). The artifact is
 the same as every other method's — keep-masks, plus the compensation biases — so
 perplexity, EBFT and assembly need nothing special.
 
@@ -23,12 +23,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import stages.architecture as arch
+import stages.model.architecture as arch
 import store.activations as acts
-from stages.capture import ZARR_NAME
 from stages.errors import UserError
-from stages.masks import flap
-from stages.model_source import ModelSource, load_model
+from stages.inputs.capture import ZARR_NAME
+from stages.masks.methods import flap
+from stages.model.model_source import ModelSource, load_model
 from stages.progress import Progress
 from store import Artifact, write_json
 
@@ -61,10 +61,16 @@ def check_model(model, with_bias: bool) -> flap.Layout:
 
 def build(spec, out: Path, source: ModelSource, activations: Artifact, device: str) -> None:
     """Score every block, search the structure, write masks + biases (see module doc);
-    the mask stage's build for structured methods (``stages.pruning.build``)."""
-    from stages.block_stats import collect_stats
-    from stages.devices import DTYPES, resolve_device
-    from stages.mask_files import BIASES_FILE, MASKS_FILE, REPORT_FILE, save_masks, sparsity_report
+    the mask stage's build for structured methods (``stages.masks.pruning.build``)."""
+    from stages.masks.block_stats import collect_stats
+    from stages.masks.mask_files import (
+        BIASES_FILE,
+        MASKS_FILE,
+        REPORT_FILE,
+        save_masks,
+        sparsity_report,
+    )
+    from stages.model.devices import DTYPES, resolve_device
 
     started = time.monotonic()
     device = resolve_device(device)

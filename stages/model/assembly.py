@@ -6,7 +6,7 @@ and the result is saved with ``save_pretrained``: safetensors, config and tokeni
 tensors, no custom code, so ``AutoModelForCausalLM.from_pretrained(folder)`` loads it
 anywhere. FLAP's compensation biases are saved as the projections' biases (zeros on the
 others), and ``form="compact"`` saves structured masks as a physically narrower model
-(``stages.structured.shrink``).
+(``stages.masks.structured.shrink``).
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ from pathlib import Path
 
 import torch
 
-import stages.architecture as arch
-from stages import lora, structured
-from stages.ebft import load_block_weights
-from stages.mask_files import (
+import stages.model.architecture as arch
+from stages.masks import Pattern, structured
+from stages.masks.mask_files import (
     apply_masks,
     load_biases,
     load_masks,
     model_keep_masks,
     sparsity_report,
 )
-from stages.masks import Pattern
-from stages.model_source import ModelSource, load_model, load_tokenizer
+from stages.model.model_source import ModelSource, load_model, load_tokenizer
+from stages.recovery import lora
+from stages.recovery.ebft import load_block_weights
 from stages.stage import Spec, Stage
 from store import Artifact, write_json
 
@@ -45,7 +45,7 @@ class AssemblySpec(Spec):
 def build(spec: AssemblySpec, out: Path, model: ModelSource, masks: Artifact,
           blocks: list[Artifact], pattern: Pattern, lora_artifact: Artifact | None = None) -> None:
     """Write the final model folder (plus ``sparsity.json``)."""
-    from stages.devices import DTYPES
+    from stages.model.devices import DTYPES
 
     dense = load_model(model, torch.float32)
     apply_masks(dense, masks)

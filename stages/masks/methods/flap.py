@@ -21,7 +21,7 @@ Bias compensation: a removed channel is replaced by its calibration mean, i.e. i
 contribution W[:, removed] · mean[removed] becomes a bias of the output projection.
 
 Every function here is pure maths on tensors; which layers and which statistics is
-orchestration, in ``stages.structured``.
+orchestration, in ``stages.masks.structured``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ STRUCTURES = ("AL-AM", "UL-UM")
 @dataclass(frozen=True)
 class FLAP(MaskMethod):
     name = "flap"
-    kind = "structured"  # the whole model at once: stages.structured.build
+    kind = "structured"  # the whole model at once: stages.masks.structured.build
     structure: str = param("AL-AM", "AL-AM (global ranking, per-layer widths) or UL-UM (the "
                            "same share in every layer)")
     bias: bool = param(True, "bias compensation for the removed channels")

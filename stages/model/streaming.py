@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-import stages.architecture as arch
+import stages.model.architecture as arch
 from stages.errors import UserError
 from store.usage import io_time
 

@@ -7,7 +7,7 @@ shared dense capture instead: blocks become independent (and could run in parall
 no block sees the upstream pruning error.
 
 Structured methods (FLAP) choose whole heads and channels for the whole model at once and
-live in ``stages.structured``; they store the same artifact.
+live in ``stages.masks.structured``; they store the same artifact.
 
 Stored per artifact: ``masks.safetensors`` (bit-packed keep-masks), ``weights.safetensors``
 (SparseGPT's updated weights, only when a method changes weights), ``biases.safetensors``
@@ -26,11 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import stages.architecture as arch
+import stages.model.architecture as arch
 import store.activations as acts
-from stages.block_stats import collect_stats
-from stages.capture import ZARR_NAME
-from stages.mask_files import MASKS_FILE, REPORT_FILE, WEIGHTS_FILE, save_masks, sparsity_report
+from stages.inputs.capture import ZARR_NAME
 from stages.masks import (
     MaskMethod,
     Pattern,
@@ -38,7 +36,15 @@ from stages.masks import (
     parse_pattern,
     split_method,
 )
-from stages.model_source import ModelSource, load_model
+from stages.masks.block_stats import collect_stats
+from stages.masks.mask_files import (
+    MASKS_FILE,
+    REPORT_FILE,
+    WEIGHTS_FILE,
+    save_masks,
+    sparsity_report,
+)
+from stages.model.model_source import ModelSource, load_model
 from stages.progress import Progress
 from stages.stage import Spec, Stage
 from store import Artifact, write_json
@@ -129,10 +135,10 @@ def prune_block(block, batches, kwargs_for, spec: MaskSpec) -> dict[str, tuple]:
 def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
           device: str) -> None:
     """The masks of every block (a structured method: of the whole model at once)."""
-    from stages.devices import DTYPES, resolve_device, storage_dtype
+    from stages.model.devices import DTYPES, resolve_device, storage_dtype
 
     if spec.structured:
-        from stages import structured
+        from stages.masks import structured
 
         return structured.build(spec, out, model, activations, device)
     device = resolve_device(device)

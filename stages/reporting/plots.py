@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from stages.recoveries import RECOVERIES
+from stages.recovery.recoveries import RECOVERIES
 
 
 def _label(method: str, finetune: str) -> str:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.errors import UserError
-from stages.mask_files import load_masked_model
-from stages.model_source import ModelSource, load_tokenizer
+from stages.masks.mask_files import load_masked_model
+from stages.model.model_source import ModelSource, load_tokenizer
 from stages.stage import Spec, Stage, result_json
 from store import Artifact, digest_json, digest_path, write_json
 
@@ -265,8 +265,8 @@ def build(spec: ZeroShotSpec, out: Path, model: ModelSource, data_dir: str | Non
     """Zero-shot accuracies (lm-eval) of a model folder, or of the dense model with masks."""
     import tempfile
 
-    from stages.data import data_dir as resolve_data_dir
-    from stages.devices import DTYPES, resolve_device
+    from stages.inputs.data import data_dir as resolve_data_dir
+    from stages.model.devices import DTYPES, resolve_device
 
     directory = resolve_data_dir(data_dir)
     device = resolve_device(device)

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stages import data
-from stages.mask_files import load_masked_model
-from stages.model_source import ModelSource, load_tokenizer
+from stages.inputs import data
+from stages.masks.mask_files import load_masked_model
+from stages.model.model_source import ModelSource, load_tokenizer
 from stages.progress import Progress
 from stages.stage import Spec, Stage, result_json
 from store import Artifact, write_json
@@ -65,7 +65,7 @@ def perplexity(model, windows: torch.Tensor, device: torch.device) -> dict:
 def build(spec: PerplexitySpec, out: Path, model: ModelSource, data_dir: str | None,
           device: str, masks: Artifact | None = None) -> None:
     """Perplexity of a model folder, or of the dense model with a mask artifact applied."""
-    from stages.devices import DTYPES, resolve_device
+    from stages.model.devices import DTYPES, resolve_device
 
     text = data.wikitext2_test(data.data_dir(data_dir)).texts[0]
     ids = load_tokenizer(model)(text, return_tensors="pt")["input_ids"]

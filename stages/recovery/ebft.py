@@ -25,17 +25,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import stages.architecture as arch
-import stages.block_training as training
+import stages.model.architecture as arch
+import stages.recovery.block_training as training
 import store.activations as acts
-from stages.block_training import TrainConfig
-from stages.capture import ZARR_NAME
 from stages.errors import UserError
-from stages.mask_files import apply_block, load_biases, load_masks, load_weights
-from stages.model_source import ModelSource
+from stages.inputs.capture import ZARR_NAME
+from stages.masks.mask_files import apply_block, load_biases, load_masks, load_weights
+from stages.model.model_source import ModelSource
+from stages.model.streaming import BlockLoader
 from stages.progress import logger
+from stages.recovery.block_training import TrainConfig
 from stages.stage import Spec, Stage
-from stages.streaming import BlockLoader
 from store import Artifact, Store, write_json
 
 BLOCK_FILE, RECORD_FILE = "block.safetensors", "record.json"
@@ -101,7 +101,7 @@ class Context:
         return [(s, min(s + batch, self.n)) for s in range(0, self.n, batch)]
 
     def new_boundary(self, path: Path):
-        from stages.devices import storage_dtype
+        from stages.model.devices import storage_dtype
 
         return acts.create(path, 1, (self.n, self.seqlen, self.hidden),
                            storage_dtype(self.dtype), {})
@@ -179,7 +179,7 @@ def build(spec: BlockSpec, out: Path, store_root: str, model: ModelSource,
           keep_boundaries: bool = False) -> None:
     """Fine-tune block ``spec.index``: its weights and record go to ``out``, its outputs on
     the calibration set (the next block's inputs) to an ``ebft-boundary`` artifact."""
-    from stages.devices import DTYPES, resolve_device
+    from stages.model.devices import DTYPES, resolve_device
 
     dtype = DTYPES[spec.dtype]
     ctx = Context(Store(store_root), BlockLoader(model.path, dtype), activations, masks,

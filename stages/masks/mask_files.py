@@ -19,9 +19,9 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 
-import stages.architecture as arch
+import stages.model.architecture as arch
 from stages.masks import Pattern
-from stages.model_source import ModelSource, load_model
+from stages.model.model_source import ModelSource, load_model
 from store import Artifact
 
 MASKS_FILE, WEIGHTS_FILE, REPORT_FILE = "masks.safetensors", "weights.safetensors", "report.json"

@@ -173,3 +173,33 @@ def tokenizer_digest(source: ModelSource) -> str:
     files = [f for f in model_files(Path(source.path)) if f.name.startswith(("tokenizer",
                                                                                "special_"))]
     return digest_bytes("\n".join(f"{f.name}:{digest_file(f)}" for f in files).encode())
+
+
+# ---- what a model declares, read without loading its weights ---------------------------
+
+def declared_context(name: str) -> int | None:
+    """The context length a model declares, read without converting or loading it."""
+    from stages import checks
+
+    if name == DEFAULT_MODEL:
+        gguf = default_gguf()
+        meta = checks.gguf_metadata(gguf, {"general.architecture"})
+        arch_name = meta.get("general.architecture", "llama")
+        return checks.gguf_metadata(gguf, {f"{arch_name}.context_length"}).get(
+            f"{arch_name}.context_length")
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        return checks.model_config(folder).get("max_position_embeddings")
+    return None  # a hub id: checked once it is fetched
+
+
+def meta_model(model: ModelSource):
+    """The model's modules without weights (meta device): its shapes, for checks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model.path))
+
+
+def load_model_config(model: ModelSource) -> dict:
+    return json.loads((Path(model.path) / "config.json").read_text())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-import stages.architecture as arch
+import stages.model.architecture as arch
 from stages.masks import LayerStats
 
 

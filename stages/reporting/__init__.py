@@ -1,0 +1,1 @@
+"""The paper's tables and plots, built from stored run reports only."""
