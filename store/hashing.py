@@ -7,6 +7,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -125,24 +126,29 @@ def _tree(name: str) -> ast.Module:
 
 @functools.cache
 def _imports(name: str) -> tuple[str, ...]:
-    """Every module ``name`` imports anywhere in its code; ``from p import x`` counts as
-    ``p.x`` when x is a module."""
-    package = name if _origin(name).name == "__init__.py" else name.rpartition(".")[0]
     root = _project_root(name)
+    package = name if _origin(name).name == "__init__.py" else name.rpartition(".")[0]
+    # never import a library to resolve its names
+    return imports_in(_tree(name), package, lambda base, module: _in_project(base, root)
+                      and _origin(module) is not None)
+
+
+def imports_in(tree: ast.Module, package: str, is_module: Callable[[str, str], bool]) -> list[str]:
+    """Every module a module's code imports, at the top or inside a function; ``from p
+    import x`` counts as ``p.x`` too when ``is_module(p, "p.x")`` says x is a module."""
     found = []
-    for node in ast.walk(_tree(name)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:
+            if node.level:  # relative: from the module's package (or one above per dot)
                 anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{anchor}.{base}" if base else anchor
             found.append(base)
-            if _in_project(base, root):  # never import a library to resolve its names
-                found += [f"{base}.{alias.name}" for alias in node.names
-                          if _origin(f"{base}.{alias.name}") is not None]
-    return tuple(found)
+            found += [f"{base}.{alias.name}" for alias in node.names
+                      if is_module(base, f"{base}.{alias.name}")]
+    return found
 
 
 @functools.cache

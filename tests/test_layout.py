@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from store.hashing import imports_in
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["store", "stages", "flows", "bench"]  # each may import only those before it
 
@@ -20,21 +22,10 @@ def project_modules() -> dict[str, Path]:
 
 
 def imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """Project modules ``name`` imports anywhere in its code (``from p import m`` counts
-    as p.m when m is a module)."""
+    """Project modules ``name`` imports anywhere in its code (the reader code versions use)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{anchor}.{base}" if base else anchor
-            found.add(base)
-            found |= {f"{base}.{alias.name}" for alias in node.names
-                      if f"{base}.{alias.name}" in modules}
+    found = imports_in(ast.parse(path.read_text()), package,
+                       lambda _base, module: module in modules)
     return {m for m in found if m in modules and m != name}
 
 

@@ -17,6 +17,16 @@ def _label(method: str, finetune: str) -> str:
     return f"{method} {RECOVERIES[finetune].label}".strip()
 
 
+def save(fig, ax, path: Path, columns: int = 1) -> bool:
+    """Every plot's finish: grid, legend, written as PNG, figure closed."""
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=columns)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def perplexity_vs_sparsity(rows: pd.DataFrame, path: Path) -> bool:
     part = rows[~rows["sparsity"].str.contains(":")]
     part = part[part["nsamples"] == part["nsamples"].max()]
@@ -26,7 +36,8 @@ def perplexity_vs_sparsity(rows: pd.DataFrame, path: Path) -> bool:
     colors = {m: f"C{i}" for i, m in enumerate(sorted(part["method"].unique()))}
     for (method, finetune), group in part.groupby(["method", "finetune"]):
         group = group.sort_values("ratio")
-        ax.plot(group["ratio"] * 100, group["ppl"], RECOVERIES[finetune].line, marker=RECOVERIES[finetune].marker,
+        style = RECOVERIES[finetune]
+        ax.plot(group["ratio"] * 100, group["ppl"], style.line, marker=style.marker,
                 color=colors[method], label=_label(method, finetune))
     ax.axhline(part["dense_ppl"].iloc[0], color="black", linestyle="--", linewidth=1,
                label="dense")
@@ -35,12 +46,7 @@ def perplexity_vs_sparsity(rows: pd.DataFrame, path: Path) -> bool:
     ax.set_ylabel("Wikitext-2 perplexity (log scale)")
     model = part["model"].iloc[0]
     ax.set_title(f"{model}: perplexity vs. sparsity ({part['eval_windows'].iloc[0]} windows)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, ax, path, columns=2)
 
 
 def block_losses(losses: dict[str, list[dict]], path: Path) -> bool:
@@ -57,12 +63,7 @@ def block_losses(losses: dict[str, list[dict]], path: Path) -> bool:
     ax.set_xlabel("block")
     ax.set_ylabel("block output MSE vs. dense (log scale)")
     ax.set_title("per-block reconstruction loss, before and after EBFT")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, ax, path)
 
 
 def calibration_size(rows: pd.DataFrame, path: Path) -> bool:
@@ -71,18 +72,14 @@ def calibration_size(rows: pd.DataFrame, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (method, finetune, sparsity), group in rows.groupby(["method", "finetune", "sparsity"]):
         group = group.sort_values("nsamples")
-        ax.plot(group["nsamples"], group["ppl"], RECOVERIES[finetune].line, marker=RECOVERIES[finetune].marker,
+        style = RECOVERIES[finetune]
+        ax.plot(group["nsamples"], group["ppl"], style.line, marker=style.marker,
                 label=f"{_label(method, finetune)} {sparsity}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("calibration samples")
     ax.set_ylabel("Wikitext-2 perplexity")
     ax.set_title("perplexity vs. number of calibration samples (Figure 2)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, ax, path)
 
 
 def draw_all(rows: pd.DataFrame, losses: dict[str, list[dict]], out: Path) -> list[str]:
