@@ -5,7 +5,8 @@
 
 For timing and memory measurements of large shapes where the real weights cannot be had
 (no Hub access from the benchmark machines): the compute of a block depends on its shapes,
-not its values. Losses and perplexities of such a model mean nothing; its timings do.
+not its values. Tensors are drawn and written one at a time into ~1 GiB shards (indexed as
+``save_pretrained`` does), so a 7B or 70B shape never has to fit in memory. Losses and perplexities of such a model mean nothing; its timings do.
 ``--layers`` keeps the block shape and cuts the depth (e.g. Llama-2-7B blocks in a 2-layer
 model, to time one block). The vocabulary is the tokenizer's, so the calibration and
 evaluation stages run unchanged on it.
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 from scale_projection import CONFIGS
+
+from stages.model.assembly import ShardWriter
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,19 +48,30 @@ def main(argv: list[str] | None = None) -> int:
     shape = {**CONFIGS[args.config], "vocab_size": len(tokenizer)}
     if args.layers:
         shape["num_hidden_layers"] = args.layers
+    dtype = getattr(torch, args.dtype)
     config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(args.seed)
-    with torch.device(args.device):
-        model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         dtype=dtype)
+    with torch.device("meta"):
+        shapes = dict(LlamaForCausalLM(config).named_parameters())
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    tmp.mkdir(parents=True)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    writer = ShardWriter(tmp)
+    for name, meta in shapes.items():  # norms at 1, the rest N(0, 0.02) as Llama initialises
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(meta.shape, dtype=dtype)
+        else:
+            tensor = torch.empty(meta.shape, device=args.device).normal_(
+                0.0, 0.02, generator=generator).to("cpu", dtype)
+        writer.add({name: tensor})
+    params = writer.finish()
+    config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    params = sum(p.numel() for p in model.parameters())
     print(f"{args.config}{f' ({args.layers} layers)' if args.layers else ''}: "
           f"{params / 1e9:.3f} B parameters, random weights, {args.dtype} -> {out}")
     return 0

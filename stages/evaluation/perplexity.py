@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import stages.model.architecture as arch
 from stages.inputs import data
-from stages.masks.mask_files import load_masked_model
+from stages.masks.mask_files import MaskFiles
 from stages.model.model_source import ModelSource, load_tokenizer
+from stages.model.streaming import BlockLoader
 from stages.progress import Progress
 from stages.stage import Spec, Stage, result_json
 from store import Artifact, write_json
@@ -50,14 +52,23 @@ def token_windows(ids: torch.Tensor, seqlen: int, limit: int | None = None) -> t
 
 
 @torch.inference_mode()
-def perplexity(model, windows: torch.Tensor, device: torch.device) -> dict:
-    losses = []
-    progress = Progress("perplexity (windows)", len(windows))
-    for i, window in enumerate(windows):
-        ids = window.unsqueeze(0).to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        losses.append(F.cross_entropy(logits, ids[0, 1:]).item())
-        progress.update(i + 1, f"running ppl {math.exp(sum(losses) / len(losses)):.3f}")
+def perplexity(loader: BlockLoader, windows: torch.Tensor, device: torch.device,
+               masks: MaskFiles | None = None) -> dict:
+    """Every window through block l before block l+1 is read (as SparseGPT evaluates), so
+    one block's weights are in memory at a time; the windows' hidden states stay on the
+    device between blocks. Each window's loss is the mean next-token cross-entropy."""
+    hidden, kwargs = [], None
+    for window in windows:
+        first, block_kwargs = loader.first_inputs(window.unsqueeze(0))
+        hidden.append(first.to(device))
+        kwargs = kwargs or arch.to_device(block_kwargs, device, loader.dtype)
+    progress = Progress("perplexity (blocks)", loader.n_blocks)
+    for index, block in enumerate(loader.blocks(device, masks.apply if masks else None)):
+        hidden = [arch.run_block(block, h, kwargs) for h in hidden]
+        progress.update(index + 1)
+    head = loader.head().to(device)
+    losses = [F.cross_entropy(head(h)[0, :-1].float(), w[1:].to(device)).item()
+              for h, w in zip(hidden, windows, strict=True)]
     mean = sum(losses) / len(losses)
     return {"perplexity": math.exp(mean), "mean_loss": mean, "windows": len(losses)}
 
@@ -70,9 +81,9 @@ def build(spec: PerplexitySpec, out: Path, model: ModelSource, data_dir: str | N
     text = data.wikitext2_test(data.data_dir(data_dir)).texts[0]
     ids = load_tokenizer(model)(text, return_tensors="pt")["input_ids"]
     windows = token_windows(ids, spec.seqlen, spec.windows)
-    device = resolve_device(device)
-    loaded = load_masked_model(model, DTYPES[spec.dtype], masks).to(device)
-    result = {**perplexity(loaded, windows, device),
+    loader = BlockLoader(model.path, DTYPES[spec.dtype])
+    result = {**perplexity(loader, windows, resolve_device(device),
+                           MaskFiles(masks) if masks is not None else None),
               "windows_total": ids.numel() // spec.seqlen, "seqlen": spec.seqlen,
               "tokens": ids.numel(), "dtype": spec.dtype}
     write_json(out, "result.json", result)

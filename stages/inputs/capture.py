@@ -15,7 +15,8 @@ import torch
 
 import stages.model.architecture as arch
 import store.activations as acts
-from stages.model.model_source import ModelSource, load_model
+from stages.model.model_source import ModelSource
+from stages.model.streaming import BlockLoader
 from stages.progress import Progress
 from stages.stage import Spec, Stage
 from store import Artifact
@@ -33,26 +34,24 @@ class CaptureSpec(Spec):
 
 
 @torch.inference_mode()
-def capture_dense(model, tokens: torch.Tensor, out: Path, device: torch.device,
-                  dtype: torch.dtype, storage: torch.dtype, batch_size: int,
-                  attrs: dict) -> None:
-    blocks = arch.decoder_blocks(model)
+def capture_dense(loader: BlockLoader, tokens: torch.Tensor, out: Path, device: torch.device,
+                  storage: torch.dtype, batch_size: int, attrs: dict) -> None:
+    """Boundary 0 from the model's embeddings, then block by block, each read from the
+    model's files when its turn comes (one block's weights in memory at a time)."""
     n = len(tokens)
     batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-    group = acts.create(out, len(blocks) + 1, (n, tokens.shape[1], model.config.hidden_size),
-                        storage, attrs)
-    progress = Progress("dense capture (blocks)", len(blocks))
+    group = acts.create(out, loader.n_blocks + 1,
+                        (n, tokens.shape[1], loader.config.hidden_size), storage, attrs)
+    progress = Progress("dense capture (blocks)", loader.n_blocks)
     kwargs_for: dict[int, dict] = {}  # block kwargs depend only on the batch shape
     for start, stop in batches:
-        hidden, kwargs = arch.block_inputs(model, tokens[start:stop])
+        hidden, kwargs = loader.first_inputs(tokens[start:stop])
         acts.write(group, 0, start, hidden)
-        kwargs_for.setdefault(stop - start, arch.to_device(kwargs, device, dtype))
-    for index, block in enumerate(blocks):
-        block.to(device)
+        kwargs_for.setdefault(stop - start, arch.to_device(kwargs, device, loader.dtype))
+    for index, block in enumerate(loader.blocks(device)):
         for start, stop in batches:
-            x = acts.read(group, index, start, stop).to(device, dtype)
+            x = acts.read(group, index, start, stop).to(device, loader.dtype)
             acts.write(group, index + 1, start, arch.run_block(block, x, kwargs_for[stop - start]))
-        block.to("cpu")
         progress.update(index + 1)
 
 
@@ -62,13 +61,12 @@ def build(spec: CaptureSpec, out: Path, model: ModelSource, calibration: Artifac
     from stages.inputs import calibration as calib
     from stages.model.devices import DTYPES, resolve_device, storage_dtype
 
-    dtype = DTYPES[spec.dtype]
-    loaded = load_model(model, dtype)
-    storage = storage_dtype(dtype)
-    attrs = {**asdict(spec), "model_type": loaded.config.model_type,
+    loader = BlockLoader(model.path, DTYPES[spec.dtype])
+    storage = storage_dtype(loader.dtype)
+    attrs = {**asdict(spec), "model_type": loader.config.model_type,
              "storage_dtype": str(storage).removeprefix("torch.")}
-    capture_dense(loaded, calib.load(calibration), out / ZARR_NAME, resolve_device(device),
-                  dtype, storage, spec.batch_size, attrs)
+    capture_dense(loader, calib.load(calibration), out / ZARR_NAME, resolve_device(device),
+                  storage, spec.batch_size, attrs)
 
 
 STAGE = Stage("activations", build)

@@ -28,6 +28,17 @@ MASKS_FILE, WEIGHTS_FILE, REPORT_FILE = "masks.safetensors", "weights.safetensor
 BIASES_FILE = "biases.safetensors"
 
 
+class MaskFiles:
+    """A mask artifact's tensors, read once, applied to one block at a time."""
+
+    def __init__(self, artifact: Artifact) -> None:
+        self.masks, self.weights = load_masks(artifact), load_weights(artifact)
+        self.biases = load_biases(artifact)
+
+    def apply(self, block, index: int) -> None:
+        apply_block(block, index, self.masks, self.weights, self.biases)
+
+
 def load_masked_model(source: ModelSource, dtype: torch.dtype, masks: Artifact | None = None):
     """The dense model, with a mask artifact applied when one is given."""
     model = load_model(source, dtype)
@@ -105,9 +116,16 @@ def pattern_holds(keep: torch.Tensor, pattern: Pattern) -> bool:
 
 def sparsity_report(masks: dict[str, torch.Tensor], pattern: Pattern) -> dict:
     """Per-layer and overall sparsity, and whether every layer meets the requested pattern."""
-    layers = [{"layer": name, "shape": list(keep.shape), "pruned": int((~keep).sum()),
-               "total": keep.numel(), "sparsity": round(float((~keep).float().mean()), 6),
-               "pattern_ok": pattern_holds(keep, pattern)} for name, keep in masks.items()]
+    return summarize(layer_rows(masks, pattern), pattern)
+
+
+def layer_rows(masks: dict[str, torch.Tensor], pattern: Pattern) -> list[dict]:
+    return [{"layer": name, "shape": list(keep.shape), "pruned": int((~keep).sum()),
+             "total": keep.numel(), "sparsity": round(float((~keep).float().mean()), 6),
+             "pattern_ok": pattern_holds(keep, pattern)} for name, keep in masks.items()]
+
+
+def summarize(layers: list[dict], pattern: Pattern) -> dict:
     pruned, total = sum(r["pruned"] for r in layers), sum(r["total"] for r in layers)
     return {"pattern": pattern.label(), "target_sparsity": pattern.sparsity,
             "overall_sparsity": pruned / max(total, 1), "pruned": pruned, "total": total,

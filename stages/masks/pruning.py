@@ -44,7 +44,8 @@ from stages.masks.mask_files import (
     save_masks,
     sparsity_report,
 )
-from stages.model.model_source import ModelSource, load_model
+from stages.model.model_source import ModelSource
+from stages.model.streaming import BlockLoader
 from stages.progress import Progress
 from stages.stage import Spec, Stage
 from store import Artifact, write_json
@@ -144,20 +145,19 @@ def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
     device = resolve_device(device)
     started = time.monotonic()
     dtype = DTYPES[spec.dtype]
-    loaded = load_model(model, dtype)
-    blocks = arch.decoder_blocks(loaded)
+    loader = BlockLoader(model.path, dtype)
     dense = acts.open_group(Path(activations.path) / ZARR_NAME)
     n, seqlen, hidden = dense.attrs["shape"]
     kwargs_cache: dict[int, dict] = {}
 
     def kwargs_for(batch: int) -> dict:
         if batch not in kwargs_cache:
-            kwargs_cache[batch] = arch.block_kwargs(loaded, batch, seqlen, device, dtype)
+            kwargs_cache[batch] = loader.block_kwargs(batch, seqlen, device, dtype)
         return kwargs_cache[batch]
 
     ranges = [(s, min(s + spec.batch_size, n)) for s in range(0, n, spec.batch_size)]
     masks, weights = {}, {}
-    progress = Progress(f"masks {spec.method} (blocks)", len(blocks))
+    progress = Progress(f"masks {spec.method} (blocks)", loader.n_blocks)
     scratch = None
     if spec.mask_inputs == "sequential":
         scratch = acts.create(out / "scratch.zarr", 2, (n, seqlen, hidden),
@@ -169,8 +169,7 @@ def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
             return dense, index
         return scratch, index % 2
 
-    for index, block in enumerate(blocks):
-        block.to(device)
+    for index, block in enumerate(loader.blocks(device)):
         group, boundary = inputs_of(index)
 
         def batches(group=group, boundary=boundary):
@@ -181,12 +180,11 @@ def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
             masks[f"{index}.{name}"] = keep
             if weight is not None:
                 weights[f"{index}.{name}"] = weight
-        if scratch is not None and index + 1 < len(blocks):
+        if scratch is not None and index + 1 < loader.n_blocks:
             with torch.inference_mode():
                 for (start, stop), x in zip(ranges, batches(), strict=True):
                     y = arch.run_block(block, x, kwargs_for(stop - start))
                     acts.write(scratch, (index + 1) % 2, start, y)
-        block.to("cpu")
         progress.update(index + 1)
     if scratch is not None:
         shutil.rmtree(out / "scratch.zarr")

@@ -28,7 +28,8 @@ import store.activations as acts
 from stages.errors import UserError
 from stages.inputs.capture import ZARR_NAME
 from stages.masks.methods import flap
-from stages.model.model_source import ModelSource, load_model
+from stages.model.model_source import ModelSource, meta_model
+from stages.model.streaming import BlockLoader
 from stages.progress import Progress
 from store import Artifact, write_json
 
@@ -75,24 +76,23 @@ def build(spec, out: Path, source: ModelSource, activations: Artifact, device: s
     started = time.monotonic()
     device = resolve_device(device)
     dtype = DTYPES[spec.dtype]
-    model = load_model(source, dtype)
+    loader = BlockLoader(source.path, dtype)
     (method,) = spec.methods()
-    layout = check_model(model, method.bias)
-    blocks = arch.decoder_blocks(model)
+    meta = meta_model(source)  # shapes and parameter counts, no weights
+    layout = check_model(meta, method.bias)
     dense = acts.open_group(Path(activations.path) / ZARR_NAME)
     n, seqlen, _ = dense.attrs["shape"]
     kwargs = {}
 
     def kwargs_for(batch: int) -> dict:
         if batch not in kwargs:
-            kwargs[batch] = arch.block_kwargs(model, batch, seqlen, device, dtype)
+            kwargs[batch] = loader.block_kwargs(batch, seqlen, device, dtype)
         return kwargs[batch]
 
     ranges = [(s, min(s + spec.batch_size, n)) for s in range(0, n, spec.batch_size)]
     attn, mlp, means = [], [], []
-    progress = Progress("masks flap (scoring blocks)", len(blocks))
-    for index, block in enumerate(blocks):
-        block.to(device)
+    progress = Progress("masks flap (scoring blocks)", loader.n_blocks)
+    for index, block in enumerate(loader.blocks(device)):
 
         def batches(index=index):
             for start, stop in ranges:
@@ -106,18 +106,17 @@ def build(spec, out: Path, source: ModelSource, activations: Artifact, device: s
         attn.append(flap.fluctuation(outputs[ATTN_OUT].weight, stats[ATTN_OUT]["var"]).cpu())
         mlp.append(flap.fluctuation(outputs[MLP_OUT].weight, stats[MLP_OUT]["var"]).cpu())
         means.append({name: stats[name]["mean"].cpu() for name in outputs})
-        block.to("cpu")
         progress.update(index + 1)
 
     groups, channels = flap.search(torch.stack(attn), torch.stack(mlp), layout, spec.sparsity,
                                    method.structure)
     masks, biases = {}, {}
-    for index, block in enumerate(blocks):
+    for index in range(loader.n_blocks):
         block_keep = flap.block_masks(groups[index], channels[index], layout)
-        linears = arch.linear_layers(block)
         for name, keep in block_keep.items():
             masks[f"{index}.{name}"] = keep
-        if method.bias:
+        if method.bias:  # the removed channels' mean output, from the block's own weights
+            linears = arch.linear_layers(loader.block(index))
             for name in (ATTN_OUT, MLP_OUT):
                 kept_inputs = block_keep[name].any(0)
                 biases[f"{index}.{name}"] = flap.compensation(
@@ -130,7 +129,7 @@ def build(spec, out: Path, source: ModelSource, activations: Artifact, device: s
     report.update(spec=asdict(spec), seconds=round(time.monotonic() - started, 1),
                   calibration_samples=n,
                   structure=structure_summary(groups, channels, layout),
-                  parameters=parameter_counts(model, masks, biases))
+                  parameters=parameter_counts(meta, masks, biases))
     write_json(out, REPORT_FILE, report)
 
 
@@ -155,15 +154,19 @@ def parameter_counts(model, masks: dict[str, torch.Tensor], biases: dict) -> dic
 
 # ---- saving: biases a stock config can load, and physically smaller models ---------------
 
+def give_biases(block) -> None:
+    """A bias on every projection of the block (zeros where there was none)."""
+    for linear in arch.linear_layers(block).values():
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                   device=linear.weight.device))
+
+
 def make_biases_loadable(model) -> None:
     """Give every block projection a bias (zeros where there was none) and say so in the
     config, so ``save_pretrained`` writes a folder stock transformers loads with the biases."""
     for block in arch.decoder_blocks(model):
-        for linear in arch.linear_layers(block).values():
-            if linear.bias is None:
-                linear.bias = nn.Parameter(torch.zeros(linear.out_features,
-                                                       dtype=linear.weight.dtype,
-                                                       device=linear.weight.device))
+        give_biases(block)
     model.config.attention_bias = True
     model.config.mlp_bias = True
 

@@ -13,6 +13,8 @@ they are whatever the model's own code makes them.
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -34,19 +36,21 @@ def tensor_files(folder: Path) -> dict[str, Path]:
     return where
 
 
-def skeleton(config) -> nn.Module:
-    """The model with one block and an 8-token vocabulary, for the blocks' keyword arguments:
-    built without initialising weights (its block is never run), its rotary embedding
-    rebuilt on the CPU so the positions are real."""
+def skeleton(config, vocab_size: int | None = 8, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model with one block and (by default) an 8-token vocabulary, for the blocks'
+    keyword arguments: built without initialising weights (its block is never run), its
+    rotary embedding rebuilt on the CPU so the positions are real. ``vocab_size=None``
+    keeps the model's vocabulary (the shell that embeds tokens and computes logits)."""
     from transformers import AutoModelForCausalLM
 
     small = config.to_dict()
-    small.update(num_hidden_layers=1, vocab_size=8)
+    small.update(num_hidden_layers=1, vocab_size=vocab_size or config.vocab_size)
     if isinstance(small.get("layer_types"), list):
         small["layer_types"] = small["layer_types"][:1]
     small_config = type(config).from_dict(small)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(small_config, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(small_config, attn_implementation="sdpa",
+                                                 dtype=dtype or torch.float32)
     model.to_empty(device="cpu")
     for name, module in list(model.named_modules()):
         if type(module).__name__.endswith("RotaryEmbedding"):
@@ -100,3 +104,48 @@ class BlockLoader:
     def block_kwargs(self, batch: int, seqlen: int, device: torch.device,
                      dtype: torch.dtype) -> dict:
         return arch.block_kwargs(self.skeleton, batch, seqlen, device, dtype)
+
+    @functools.cached_property
+    def shell(self) -> nn.Module:
+        """The model around its blocks: embeddings, final norm and head with their stored
+        weights (tied heads tied), and one block that is never run (left uninitialised)."""
+        model = skeleton(self.config, vocab_size=None, dtype=self.dtype)
+        blocks = f"{self.prefix.removesuffix('0.')}"
+        names = [n for n, _ in model.named_parameters() if not n.startswith(blocks)]
+        state = {}
+        with io_time():
+            for name in names:
+                if name not in self.files and name == "lm_head.weight" and \
+                        getattr(self.config, "tie_word_embeddings", False):
+                    continue  # tied to the embeddings below
+                if name not in self.files:
+                    raise UserError(f"{self.folder}: no tensor {name} in its safetensors "
+                                    "files; the checkpoint is incomplete")
+                with safe_open(str(self.files[name]), "pt") as f:
+                    state[name] = f.get_tensor(name).to(self.dtype)
+        model.load_state_dict(state, strict=False, assign=True)
+        if getattr(self.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        return model.to(self.dtype).eval()
+
+    def first_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Block 0's input (the embedded tokens) and the blocks' keyword arguments."""
+        with torch.inference_mode():
+            return arch.block_inputs(self.shell, input_ids)
+
+    def head(self) -> nn.Module:
+        """The last block's output to logits: the final norm, then the output embedding."""
+        return nn.Sequential(self.shell.get_decoder().norm, self.shell.get_output_embeddings())
+
+    def blocks(self, device: torch.device,
+               edit: Callable[[nn.Module, int], None] | None = None) -> Iterator[nn.Module]:
+        """Every block in order, on ``device``, each changed by ``edit(block, index)`` first
+        when given (e.g. a mask artifact's ``MaskFiles.apply``), freed when the next is asked
+        for."""
+        for index in range(self.n_blocks):
+            block = self.block(index)
+            if edit is not None:
+                edit(block, index)
+            yield block.to(device)
+            block.to("cpu")
+            del block

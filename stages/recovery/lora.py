@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import stages.model.architecture as arch
 from stages.errors import UserError
@@ -132,10 +132,18 @@ STAGE = Stage("lora", build)
 @torch.no_grad()
 def load_into(model, artifact: Artifact) -> None:
     """Put the stored merged projections into a (masked) model."""
-    weights = load_file(f"{artifact.path}/{WEIGHTS_FILE}")
     for index, block in enumerate(arch.decoder_blocks(model)):
+        load_block(block, index, artifact)
+
+
+@torch.no_grad()
+def load_block(block, index: int, artifact: Artifact) -> None:
+    """Put one block's stored merged projections into it (read alone from the file)."""
+    from safetensors import safe_open
+
+    with safe_open(f"{artifact.path}/{WEIGHTS_FILE}", "pt") as f:
         for name, linear in arch.linear_layers(block).items():
-            linear.weight.copy_(weights[f"{index}.{name}"])
+            linear.weight.copy_(f.get_tensor(f"{index}.{name}"))
 
 
 def read_record(artifact: Artifact) -> dict:
