@@ -33,7 +33,7 @@ class Inputs(NamedTuple):
     model: ModelSource
 
 
-def prepare_dense(cfg: DenseConfig) -> Inputs:
+def prepare_dense(cfg: DenseConfig, whole_model: bool = False) -> Inputs:
     """Resolve and check every input, cheapest first; raises a one-line UserError before
     any stage runs, and writes nothing to the store (the default model's one-time
     conversion goes to this machine's cache)."""
@@ -63,7 +63,8 @@ def prepare_dense(cfg: DenseConfig) -> Inputs:
         calibration.check_corpus(c4.texts, c4.digest, tokenizer, cfg.seqlen)
     capture_spec = capture.CaptureSpec(model.digest, calib_spec.key(), dtype, cfg.batch_size)
     check_resources(cfg, store, meta, dtype,
-                    capture_stored=store.get("activations", capture_spec.key()) is not None)
+                    capture_stored=store.get("activations", capture_spec.key()) is not None,
+                    whole_model=whole_model)
     return Inputs(store, directory, device, dtype, model)
 
 
@@ -91,17 +92,25 @@ def deployment_run() -> bool:
         return False
 
 
-def check_resources(cfg: DenseConfig, store: Store, meta, dtype: str,
-                    capture_stored: bool) -> None:
-    """Disk for the capture (unless stored), boundaries, masks and the saved model; memory
-    for the model, the calibration tokens and a batch of activations."""
+def check_resources(cfg: DenseConfig, store: Store, meta, dtype: str, capture_stored: bool,
+                    whole_model: bool = False) -> None:
+    """Disk for the capture (unless stored), boundaries, masks and the saved model. Memory
+    for what is held at once: the stages read one block at a time, so one block in training
+    (fp32 weights, gradients and AdamW's two moments) and the embeddings and head; the whole
+    model instead when a stage needs it (``whole_model``: LoRA, zero-shot, compact form);
+    plus the calibration tokens and a batch of activations."""
+    import stages.model.architecture as arch
+
     config = meta.config
     hidden, layers = config.hidden_size, config.num_hidden_layers
     window = cfg.nsamples * cfg.seqlen * hidden * 2  # one boundary, 16-bit
     params = sum(p.numel() for p in meta.parameters())
     weight_bytes = params * (4 if dtype == "float32" else 2)
+    block = sum(p.numel() for p in arch.decoder_blocks(meta)[0].parameters())
+    held = weight_bytes if whole_model else \
+        4 * block * 4 + (params - layers * block) * (4 if dtype == "float32" else 2)
     disk = (0 if capture_stored else (layers + 1) * window) + 4 * window + 2 * weight_bytes
-    memory = weight_bytes + cfg.nsamples * cfg.seqlen * 8 + \
+    memory = held + cfg.nsamples * cfg.seqlen * 8 + \
         8 * cfg.batch_size * cfg.seqlen * max(hidden, config.intermediate_size) * 4
     checks.resources(store.root, disk, memory)
 

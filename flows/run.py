@@ -68,7 +68,9 @@ def prepare(cfg: RunConfig) -> Inputs:
         if not present:
             raise UserError(f"--tasks {','.join(cfg.zeroshot.tasks)}: no data for any of them ("
                             f"{'; '.join(skipped.values())})")
-    inputs = prepare_dense(cfg.dense)
+    # LoRA (peft), zero-shot (lm-eval) and the compact form hold the whole model at once
+    whole = cfg.finetune == "lora" or bool(cfg.zeroshot.tasks) or cfg.form == "compact"
+    inputs = prepare_dense(cfg.dense, whole_model=whole)
     pattern = mask_spec.parsed_pattern()
     if pattern.is_nm:
         check_layers_fit(inputs.model, pattern)
