@@ -265,7 +265,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tiny_run, data_
     def no_space(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(stages.masks.pruning, "save_masks", no_space)
+    monkeypatch.setattr(stages.masks.pruning, "save_packed", no_space)
     store = tmp_path / "store"
     code = main(run_flags(tiny_run["model"], store, data_dir, epochs=2))
     errors = [line for line in capsys.readouterr().err.splitlines() if "ebft:" in line]

@@ -29,14 +29,63 @@ BIASES_FILE = "biases.safetensors"
 
 
 class MaskFiles:
-    """A mask artifact's tensors, read once, applied to one block at a time."""
+    """A mask artifact read one layer at a time: a 7B model's keep-masks are 6.5 GB as
+    booleans, so only the packed bits are kept and a layer is unpacked when asked for."""
 
     def __init__(self, artifact: Artifact) -> None:
-        self.masks, self.weights = load_masks(artifact), load_weights(artifact)
-        self.biases = load_biases(artifact)
+        from safetensors import safe_open
+
+        folder = Path(artifact.path)
+        with safe_open(str(folder / MASKS_FILE), "np") as f:
+            self.shapes = json.loads(f.metadata()["shapes"])
+        self.packed = load_numpy(str(folder / MASKS_FILE))  # 1 bit per weight
+        self.files = {name: folder / file for name, file in
+                      (("weights", WEIGHTS_FILE), ("biases", BIASES_FILE))
+                      if (folder / file).is_file()}
+        self.names = {kind: _tensor_names(path) for kind, path in self.files.items()}
+
+    @property
+    def has_biases(self) -> bool:
+        return bool(self.names.get("biases"))
+
+    def keep(self, name: str) -> torch.Tensor:
+        return unpack(self.packed[name], self.shapes[name])
+
+    def tensor(self, kind: str, name: str) -> torch.Tensor | None:
+        """The layer's new weight (``weights``) or bias (``biases``), if the method made one."""
+        if name not in self.names.get(kind, ()):
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[kind]), "pt") as f:
+            return f.get_tensor(name)
+
+    def block(self, index: int, names) -> tuple[dict, dict, dict]:
+        """(keep-masks, new weights, biases) of one block's layers, by full layer name."""
+        full = [f"{index}.{name}" for name in names]
+        weights = {n: t for n in full if (t := self.tensor("weights", n)) is not None}
+        biases = {n: t for n in full if (t := self.tensor("biases", n)) is not None}
+        return {n: self.keep(n) for n in full}, weights, biases
 
     def apply(self, block, index: int) -> None:
-        apply_block(block, index, self.masks, self.weights, self.biases)
+        apply_block(block, index, *self.block(index, arch.linear_layers(block)))
+
+
+def _tensor_names(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return set(f.keys())
+
+
+def pack(keep: torch.Tensor) -> np.ndarray:
+    """A keep-mask as bits, 8 per byte (what the artifact stores)."""
+    return np.packbits(keep.cpu().numpy().reshape(-1))
+
+
+def unpack(bits: np.ndarray, shape: list[int]) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(bits, count=int(np.prod(shape))).astype(bool)
+                            .reshape(shape))
 
 
 def load_masked_model(source: ModelSource, dtype: torch.dtype, masks: Artifact | None = None):
@@ -49,21 +98,18 @@ def load_masked_model(source: ModelSource, dtype: torch.dtype, masks: Artifact |
 
 def save_masks(path: Path, masks: dict[str, torch.Tensor]) -> None:
     """Keep-masks bit-packed (8 per byte) with their shapes in the metadata."""
-    packed = {name: np.packbits(keep.numpy().reshape(-1)) for name, keep in masks.items()}
-    shapes = {name: list(keep.shape) for name, keep in masks.items()}
+    save_packed(path, {name: pack(keep) for name, keep in masks.items()},
+                {name: list(keep.shape) for name, keep in masks.items()})
+
+
+def save_packed(path: Path, packed: dict[str, np.ndarray], shapes: dict[str, list[int]]) -> None:
     save_numpy(packed, str(path), metadata={"shapes": json.dumps(shapes)})
 
 
 def load_masks(artifact: Artifact) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    path = str(Path(artifact.path) / MASKS_FILE)
-    with safe_open(path, "np") as f:
-        shapes = json.loads(f.metadata()["shapes"])
-    packed = load_numpy(path)
-    return {name: torch.from_numpy(
-        np.unpackbits(bits, count=int(np.prod(shapes[name]))).astype(bool).reshape(shapes[name]))
-        for name, bits in packed.items()}
+    """Every keep-mask, unpacked (small models and tests; stages use ``MaskFiles``)."""
+    files = MaskFiles(artifact)
+    return {name: files.keep(name) for name in files.shapes}
 
 
 def load_weights(artifact: Artifact) -> dict[str, torch.Tensor]:

@@ -41,8 +41,10 @@ from stages.masks.mask_files import (
     MASKS_FILE,
     REPORT_FILE,
     WEIGHTS_FILE,
-    save_masks,
-    sparsity_report,
+    layer_rows,
+    pack,
+    save_packed,
+    summarize,
 )
 from stages.model.model_source import ModelSource
 from stages.model.streaming import BlockLoader
@@ -156,7 +158,11 @@ def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
         return kwargs_cache[batch]
 
     ranges = [(s, min(s + spec.batch_size, n)) for s in range(0, n, spec.batch_size)]
-    masks, weights = {}, {}
+    # Masks are kept as bits (a 7B model's are 6.5 GB as booleans, 0.8 GB packed), and the
+    # sparsity report is made block by block. SparseGPT's new weights are kept until the end
+    # (a model's worth in the compute dtype: not yet written block by block).
+    packed, shapes, weights, rows = {}, {}, {}, []
+    pattern = spec.parsed_pattern()
     progress = Progress(f"masks {spec.method} (blocks)", loader.n_blocks)
     scratch = None
     if spec.mask_inputs == "sequential":
@@ -176,10 +182,13 @@ def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
             for start, stop in ranges:
                 yield acts.read(group, boundary, start, stop).to(device, dtype)
 
+        block_keep = {}
         for name, (keep, weight) in prune_block(block, batches, kwargs_for, spec).items():
-            masks[f"{index}.{name}"] = keep
+            full = f"{index}.{name}"
+            packed[full], shapes[full], block_keep[full] = pack(keep), list(keep.shape), keep
             if weight is not None:
-                weights[f"{index}.{name}"] = weight
+                weights[full] = weight
+        rows += layer_rows(block_keep, pattern)
         if scratch is not None and index + 1 < loader.n_blocks:
             with torch.inference_mode():
                 for (start, stop), x in zip(ranges, batches(), strict=True):
@@ -188,10 +197,10 @@ def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
         progress.update(index + 1)
     if scratch is not None:
         shutil.rmtree(out / "scratch.zarr")
-    save_masks(out / MASKS_FILE, masks)
+    save_packed(out / MASKS_FILE, packed, shapes)
     if weights:
         save_file(weights, str(out / WEIGHTS_FILE))
-    report = sparsity_report(masks, spec.parsed_pattern())
+    report = summarize(rows, pattern)
     report.update(spec=asdict(spec), seconds=round(time.monotonic() - started, 1),
                   calibration_samples=n)
     write_json(out, REPORT_FILE, report)

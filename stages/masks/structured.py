@@ -68,8 +68,10 @@ def build(spec, out: Path, source: ModelSource, activations: Artifact, device: s
         BIASES_FILE,
         MASKS_FILE,
         REPORT_FILE,
-        save_masks,
-        sparsity_report,
+        layer_rows,
+        pack,
+        save_packed,
+        summarize,
     )
     from stages.model.devices import DTYPES, resolve_device
 
@@ -110,11 +112,14 @@ def build(spec, out: Path, source: ModelSource, activations: Artifact, device: s
 
     groups, channels = flap.search(torch.stack(attn), torch.stack(mlp), layout, spec.sparsity,
                                    method.structure)
-    masks, biases = {}, {}
+    packed, shapes, biases, rows = {}, {}, {}, []  # masks as bits (see stages.masks.pruning)
+    pattern = spec.parsed_pattern()
     for index in range(loader.n_blocks):
         block_keep = flap.block_masks(groups[index], channels[index], layout)
-        for name, keep in block_keep.items():
-            masks[f"{index}.{name}"] = keep
+        named = {f"{index}.{name}": keep for name, keep in block_keep.items()}
+        rows += layer_rows(named, pattern)
+        for name, keep in named.items():
+            packed[name], shapes[name] = pack(keep), list(keep.shape)
         if method.bias:  # the removed channels' mean output, from the block's own weights
             linears = arch.linear_layers(loader.block(index))
             for name in (ATTN_OUT, MLP_OUT):
@@ -122,14 +127,14 @@ def build(spec, out: Path, source: ModelSource, activations: Artifact, device: s
                 biases[f"{index}.{name}"] = flap.compensation(
                     linears[name].weight, means[index][name], kept_inputs).contiguous()
 
-    save_masks(out / MASKS_FILE, masks)
+    save_packed(out / MASKS_FILE, packed, shapes)
     if biases:
         save_file(biases, str(out / BIASES_FILE))
-    report = sparsity_report(masks, spec.parsed_pattern())
+    report = summarize(rows, pattern)
     report.update(spec=asdict(spec), seconds=round(time.monotonic() - started, 1),
                   calibration_samples=n,
                   structure=structure_summary(groups, channels, layout),
-                  parameters=parameter_counts(meta, masks, biases))
+                  parameters=parameter_counts(meta, report["pruned"], biases))
     write_json(out, REPORT_FILE, report)
 
 
@@ -143,10 +148,9 @@ def structure_summary(groups: torch.Tensor, channels: torch.Tensor, layout: flap
             "kept_channels": channels.sum(1).tolist()}
 
 
-def parameter_counts(model, masks: dict[str, torch.Tensor], biases: dict) -> dict:
+def parameter_counts(model, removed: int, biases: dict) -> dict:
     """Parameters of the whole model before, and those left (kept weights + added biases)."""
     total = sum(p.numel() for p in model.parameters())
-    removed = sum(int((~keep).sum()) for keep in masks.values())
     added = sum(b.numel() for b in biases.values())
     return {"total": total, "remaining": total - removed + added, "removed": removed,
             "bias_added": added}

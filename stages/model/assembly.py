@@ -66,7 +66,7 @@ def build(spec: AssemblySpec, out: Path, model: ModelSource, masks: Artifact,
     if blocks and len(blocks) != loader.n_blocks:  # EBFT: one artifact per block, no fewer
         raise ValueError(f"{len(blocks)} EBFT block artifacts for {loader.n_blocks} blocks")
     mask_files, dtype = MaskFiles(masks), DTYPES[spec.dtype]
-    with_biases = bool(mask_files.biases)  # FLAP's compensation: every projection gets one
+    with_biases = mask_files.has_biases  # FLAP's compensation: every projection gets one
     writer = ShardWriter(out)
     blocks_prefix = loader.prefix.removesuffix("0.")
     shell = loader.shell.state_dict()
@@ -85,7 +85,7 @@ def build(spec: AssemblySpec, out: Path, model: ModelSource, masks: Artifact,
         linears = arch.linear_layers(block)
         # Structured: the masks say which heads/channels went; the weights alone cannot (a
         # kept weight may be exactly zero, e.g. after 4-bit dequantization).
-        keep = {f"{index}.{name}": mask_files.masks[f"{index}.{name}"] if pattern.structured
+        keep = {f"{index}.{name}": mask_files.keep(f"{index}.{name}") if pattern.structured
                 else linear.weight.detach() != 0 for name, linear in linears.items()}
         rows += layer_rows(keep, pattern)
         if with_biases:

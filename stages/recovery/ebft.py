@@ -30,7 +30,7 @@ import stages.recovery.block_training as training
 import store.activations as acts
 from stages.errors import UserError
 from stages.inputs.capture import ZARR_NAME
-from stages.masks.mask_files import apply_block, load_biases, load_masks, load_weights
+from stages.masks.mask_files import MaskFiles
 from stages.model.model_source import ModelSource
 from stages.model.streaming import BlockLoader
 from stages.progress import logger
@@ -72,8 +72,7 @@ class Context:
         self.store, self.loader, self.device, self.dtype = store, loader, device, dtype
         self.dense = acts.open_group(Path(activations.path) / ZARR_NAME)
         self.n, self.seqlen, self.hidden = self.dense.attrs["shape"]
-        self.masks, self.new_weights = load_masks(masks), load_weights(masks)
-        self.biases = load_biases(masks)
+        self.masks = MaskFiles(masks)
         self._kwargs: dict[tuple, dict] = {}
 
     def kwargs_for(self, batch: int, dtype: torch.dtype | None = None) -> dict:
@@ -85,7 +84,7 @@ class Context:
 
     def keep(self, index: int) -> dict[str, torch.Tensor]:
         names = arch.linear_layers(self.loader.template)  # every block has the same layers
-        return {name: self.masks[f"{index}.{name}"] for name in names}
+        return {name: self.masks.keep(f"{index}.{name}") for name in names}
 
     def dense_block(self, index: int):
         """Block ``index`` as the dense model has it."""
@@ -94,7 +93,7 @@ class Context:
     def sparse_block(self, index: int):
         """Block ``index`` as the mask stage left it: new weights and biases, zeros applied."""
         block = self.loader.block(index)
-        apply_block(block, index, self.masks, self.new_weights, self.biases)
+        self.masks.apply(block, index)
         return block.to(self.device)
 
     def ranges(self, batch: int) -> list[tuple[int, int]]:

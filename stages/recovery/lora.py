@@ -110,15 +110,16 @@ def build(spec: LoraSpec, out: Path, model: ModelSource, masks: Artifact,
           calibration: Artifact, device: str) -> None:
     """Train LoRA adapters on the pruned model, merge them, store the projections."""
     from stages.inputs import calibration as calib
-    from stages.masks.mask_files import apply_block, load_masked_model, load_masks
+    from stages.masks.mask_files import MaskFiles, apply_block, load_masked_model
     from stages.model.devices import DTYPES, resolve_device
 
     pruned = load_masked_model(model, DTYPES[spec.dtype], masks).to(resolve_device(device))
     record = train(pruned, calib.load(calibration), spec.settings, logger().info)
     merged = record.pop("model")
-    keep = load_masks(masks)
+    files = MaskFiles(masks)
     for index, block in enumerate(arch.decoder_blocks(merged)):  # the merged B·A is dense:
-        apply_block(block, index, keep, {}, {})                  # put the zeros back
+        keep = files.block(index, arch.linear_layers(block))[0]  # put the zeros back
+        apply_block(block, index, keep, {}, {})
     weights = {f"{index}.{name}": linear.weight.detach().cpu().contiguous()
                for index, block in enumerate(arch.decoder_blocks(merged))
                for name, linear in arch.linear_layers(block).items()}
