@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from stages.errors import UserError
 from store import StoreFull, StoreLocationError
@@ -295,15 +296,48 @@ def config_of(args: argparse.Namespace):
                                       in settings(args).items()})
 
 
-def _finish(state) -> dict | None:
-    """The flow's result, or None after printing why it failed (one line for user errors)."""
+def _finish(state, stored: Callable[[], dict] | None = None) -> dict | None:
+    """The flow's result, or None after printing why it failed (one line for user errors).
+
+    A completed flow's result lives in memory; when Prefect had to read the final state
+    back from its API (a slow server under load), the state has no data. The flow wrote its
+    report to the store before returning, so ``stored`` reads it from there instead.
+    """
+    from prefect.exceptions import MissingResult
+
     if not state.is_failed():
-        return state.result()
+        try:
+            return state.result()
+        except MissingResult:
+            if stored is None:
+                raise
+            return stored()
     err = _user_error(state)
     if err:
         raise err
     print(f"ebft: flow failed: {state.message}", file=sys.stderr)
     return None
+
+
+def stored_report(cfg) -> dict:
+    """The run report the flow wrote to the store (``flows.run.write_report``)."""
+    import json
+
+    from store import Store
+
+    path = Store(cfg.dense.store).path("reports", cfg.key()) / "report.json"
+    return {**json.loads(path.read_text()), "report_path": str(path)}
+
+
+def stored_sweep(sweep, configurations: int) -> dict:
+    """The sweep's index and tables as the flow wrote them (``flows.sweep``)."""
+    import json
+
+    from store import Store
+
+    folder = Store(sweep.base.dense.store).path("sweeps", sweep.key())
+    return {**json.loads((folder / "sweep.json").read_text()), "path": str(folder),
+            "configurations": configurations}
 
 
 def _dense(args: argparse.Namespace) -> int:
@@ -378,7 +412,7 @@ def _run(args: argparse.Namespace) -> int:
           f"perplexity on {cfg.dense.eval_windows or 'all'} windows of {cfg.dense.eval_seqlen}",
           flush=True)
     with prefect_api():
-        report = _finish(run_flow(cfg, return_state=True))
+        report = _finish(run_flow(cfg, return_state=True), lambda: stored_report(cfg))
     if report is None:
         return 1
     print_summary(report)
@@ -407,7 +441,8 @@ def _sweep(args: argparse.Namespace) -> int:
     configs = check(sweep)  # bad input fails here, in one line, before Prefect starts
     print(f"ebft sweep: {len(configs)} configurations, preset {args.preset}", flush=True)
     with prefect_api():
-        result = _finish(sweep_flow(sweep, return_state=True))
+        result = _finish(sweep_flow(sweep, return_state=True),
+                         lambda: stored_sweep(sweep, len(configs)))
     if result is None:
         return 1
     print("\n" + result["markdown"])

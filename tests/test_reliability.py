@@ -328,3 +328,27 @@ def test_unusable_model_or_corpus_is_one_line_and_stores_no_artifact(
     errors = [line for line in capsys.readouterr().err.splitlines() if "ebft:" in line]
     assert code == 2 and len(errors) == 1 and message in errors[0], errors
     assert not store.exists() or not any(p.is_file() for p in store.rglob("*"))
+
+
+def test_a_result_prefect_lost_is_read_back_from_the_store(tiny_run, data_dir):
+    """Under load Prefect may read a finished flow's final state back from its API, without
+    the result (``MissingResult``); the CLI then takes the report the flow wrote to the
+    store, so a completed run never exits 1 for it."""
+    from prefect.exceptions import MissingResult
+
+    from flows.cli import _finish, build_parser, config_of, stored_report
+
+    class Lost:
+        def is_failed(self) -> bool:
+            return False
+
+        def result(self):
+            raise MissingResult("State data is missing.")
+
+    args = build_parser().parse_args(run_flags(tiny_run["model"], tiny_run["store"], data_dir,
+                                               epochs=2))
+    report = _finish(Lost(), lambda: stored_report(config_of(args)))
+    assert report["perplexity"] == tiny_run["report"]["perplexity"]
+    assert report["report_path"].endswith("report.json")
+    with pytest.raises(MissingResult):  # with nothing stored to fall back on, it says so
+        _finish(Lost())
