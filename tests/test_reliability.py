@@ -60,7 +60,9 @@ def test_kill_9_during_a_block_then_rerun_resumes_with_identical_weights(tmp_pat
     process = ebft_run(model, store, data_dir)
     blocks = store / "ebft-block"
     deadline = time.monotonic() + 600
-    while not (blocks.is_dir() and any((b / "DIGEST").exists() for b in blocks.iterdir())):
+    # kill once a block is finished and the next one is being written
+    while not (blocks.is_dir() and any((b / "DIGEST").exists() for b in blocks.iterdir())
+               and list(blocks.glob(".tmp-*"))):
         assert process.poll() is None and time.monotonic() < deadline, "no block finished"
         time.sleep(0.05)
     server = server_of(process.pid)
