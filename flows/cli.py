@@ -288,12 +288,13 @@ def convert_flag(flag: str, raw: str, hint, convert):
     return convert(raw, hint, flag)
 
 
-def config_of(args: argparse.Namespace):
-    """The RunConfig a command line means: defaults, then its --preset, then its flags."""
+def config_of(args: argparse.Namespace, given: dict | None = None):
+    """The RunConfig a command line means: defaults, then its --preset, then its flags
+    (``given``: the command line's ``settings``, when the caller already has them)."""
     from flows.config import build_config
 
-    return build_config(args.preset, {path: value for path, (_, value)
-                                      in settings(args).items()})
+    given = settings(args) if given is None else given
+    return build_config(args.preset, {path: value for path, (_, value) in given.items()})
 
 
 def _finish(state, stored: Callable[[], dict] | None = None) -> dict | None:
@@ -403,8 +404,9 @@ def _run(args: argparse.Namespace) -> int:
     from flows.run import prepare, run_flow
     from flows.server import prefect_api
 
-    cfg = config_of(args)
-    refuse_ignored(cfg, settings(args))
+    given = settings(args)
+    cfg = config_of(args, given)
+    refuse_ignored(cfg, given)
     prepare(cfg)  # bad input fails here, in one line, before Prefect starts
     print(f"ebft run: preset {args.preset}: {cfg.dense.nsamples} calibration windows of "
           f"{cfg.dense.seqlen} tokens, up to {cfg.train.max_epochs} epochs per block at lr "

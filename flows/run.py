@@ -6,6 +6,7 @@ Thin on purpose: every step is a stage function from ``stages/`` wrapped in a ca
 collects a run report.
 """
 
+import functools
 import time
 from dataclasses import asdict
 
@@ -178,20 +179,28 @@ class Run:
 
     def perplexity_spec(self, model: ModelSource, masks: Artifact | None) -> ppl.PerplexitySpec:
         dense = self.cfg.dense
-        wiki = data.wikitext2_test(data.data_dir(dense.data_dir)).digest
-        return ppl.PerplexitySpec(model_digest(model, masks), wiki, dense.eval_seqlen,
-                                  dense.eval_windows, self.dtype)
+        return ppl.PerplexitySpec(model_digest(model, masks), self.wikitext_digest,
+                                  dense.eval_seqlen, dense.eval_windows, self.dtype)
+
+    @functools.cached_property
+    def wikitext_digest(self) -> str:
+        return data.wikitext2_test(data.data_dir(self.cfg.dense.data_dir)).digest
+
+    @functools.cached_property
+    def zeroshot_digest(self) -> str:
+        """The digest of the task files present (read once for the three models)."""
+        directory = data.data_dir(self.cfg.dense.data_dir)
+        present = zeroshot.available(self.cfg.zeroshot.tasks, directory)[0]
+        return zeroshot.data_digest(present, directory)
 
     def zero_shot(self, name: str, model: ModelSource, masks: Artifact | None = None):
         """Zero-shot accuracies of one model, or None when no tasks were asked for."""
         settings = self.cfg.zeroshot
         if not settings.tasks:
             return None
-        directory = data.data_dir(self.cfg.dense.data_dir)
-        present = zeroshot.available(settings.tasks, directory)[0]
-        spec = zeroshot.ZeroShotSpec(model_digest(model, masks),
-                                     zeroshot.data_digest(present, directory), settings.tasks,
-                                     settings.limit, settings.batch_size, self.dtype)
+        spec = zeroshot.ZeroShotSpec(model_digest(model, masks), self.zeroshot_digest,
+                                     settings.tasks, settings.limit, settings.batch_size,
+                                     self.dtype)
         return self.log.run(f"zeroshot-{name}", lambda: run_stage(
             zeroshot.STAGE, spec, self.store, model=model, data_dir=self.cfg.dense.data_dir,
             device=self.device, masks=masks))

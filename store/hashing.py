@@ -163,10 +163,3 @@ def _is_neutral(tree: ast.Module) -> bool:
     return any(isinstance(node, ast.Assign) and any(
         isinstance(t, ast.Name) and t.id == "CACHE_NEUTRAL" for t in node.targets)
         for node in tree.body)
-
-
-def forget_code() -> None:
-    """Forget the code read so far, so the next ``code_version`` reads the files again (a
-    long-lived process whose project files changed on disk)."""
-    for cached in (_origin, _project_root, _tree, _imports, _module_digest):
-        cached.cache_clear()

@@ -176,10 +176,3 @@ def summarize(layers: list[dict], pattern: Pattern) -> dict:
     return {"pattern": pattern.label(), "target_sparsity": pattern.sparsity,
             "overall_sparsity": pruned / max(total, 1), "pruned": pruned, "total": total,
             "pattern_ok": all(r["pattern_ok"] for r in layers), "layers": layers}
-
-
-def model_keep_masks(model) -> dict[str, torch.Tensor]:
-    """The nonzero pattern of a model's block linear layers, named like the mask artifact."""
-    return {f"{index}.{name}": linear.weight.detach() != 0
-            for index, block in enumerate(arch.decoder_blocks(model))
-            for name, linear in arch.linear_layers(block).items()}
