@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from stages.stage import Spec, Stage, produce
-from store import Store
+from store import Artifact, Store
 from store.usage import Usage, measure
 
 logger = logging.getLogger("ebft")
@@ -33,12 +33,29 @@ FINISHED: list[str] = []  # kinds of the stages this process finished (for an in
 
 
 @task
-def stage_task(stage: Stage, spec: Spec, store_root: str, inputs: dict) -> State:
-    result, built, usage = produce(stage, spec, Store(store_root), inputs, measure)
+def stage_task(stage: Stage, spec: Spec, store_location: str, inputs: dict) -> State:
+    store = Store(store_location)
+    inputs = {name: here(store, value) for name, value in inputs.items()}
+    result, built, usage = produce(stage, spec, store, inputs, measure)
     FINISHED.append(stage.kind)
     # The usage travels in the state's message, also back from Dask or Ray workers.
     return Completed(name="Completed" if built else "Cached", data=result,
                      message=json.dumps(usage.to_dict()))
+
+
+def here(store: Store, value):
+    """An input artifact as this machine has it: artifacts travel between tasks (and
+    machines: Dask or Ray workers) by kind and key; the path is this machine's own copy
+    (a store mounted elsewhere, or a remote store's local copy, downloaded if needed)."""
+    if isinstance(value, list):
+        return [here(store, v) for v in value]
+    if not isinstance(value, Artifact):
+        return value
+    found = store.get(value.kind, value.key)
+    if found is None:
+        raise FileNotFoundError(f"{value.kind}/{value.key} is not in the store "
+                                f"{store.location}; rerun the flow to recompute it")
+    return found
 
 
 def run_stage(stage: Stage, spec: Spec, store: Store, **inputs) -> State:
@@ -50,7 +67,7 @@ def run_stage(stage: Stage, spec: Spec, store: Store, **inputs) -> State:
     """
     configured = stage_task.with_options(name=stage.kind, task_run_name=stage.run_name(spec),
                                          cache_policy=NO_CACHE, persist_result=False)
-    return configured(stage=stage, spec=spec, store_root=str(store.root), inputs=inputs,
+    return configured(stage=stage, spec=spec, store_location=store.location, inputs=inputs,
                       return_state=True)
 
 
@@ -67,7 +84,8 @@ def usage_of(state: State) -> Usage:
 class StageLog:
     """Prefect state, wall seconds and resource use of each stage of one flow run."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store) -> None:
+        self.store = store
         self.states: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
         self.usage: dict[str, dict] = {}
@@ -77,7 +95,7 @@ class StageLog:
         started = time.monotonic()
         state = start_stage()
         self.record(name, [state], time.monotonic() - started)
-        return state.result()
+        return here(self.store, state.result())
 
     def record(self, name: str, states: list[State], seconds: float) -> None:
         """One stage made of several tasks (EBFT's blocks) counts as their sum."""

@@ -153,6 +153,10 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
     option(saved, "--keep-boundaries", "keep_boundaries",
            "keep every block's calibration outputs in the store",
            action="store_const", const="on")
+    option(saved, "--no-boundary-writes", "write_boundaries",
+           "hand each block's outputs to the next in memory only; a killed run then "
+           "recomputes its next block's inputs from the cached blocks",
+           action="store_const", const="off")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,6 +76,9 @@ class RunConfig:
     form: str = "masked"  # the saved model: masked, or compact (structured masks: narrower)
     save_dtype: str = "auto"  # dtype of the saved model; auto: the compute dtype
     keep_boundaries: bool = False  # keep every block's outputs (debugging; costs disk)
+    # write each block's outputs to the store in the background, as a resume point (off: a
+    # killed run recomputes the inputs of its next block from the cached blocks before it)
+    write_boundaries: bool = True
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
     def key(self) -> str:

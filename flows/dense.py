@@ -23,6 +23,7 @@ from stages.model.model_source import (
     tokenizer_digest,
 )
 from store import Store
+from store.remote import is_url
 
 
 class Inputs(NamedTuple):
@@ -75,6 +76,9 @@ def check_dense_flags(cfg: DenseConfig) -> None:
     checks.positive("--seed", cfg.seed, allow_zero=True)
     calibration.validate(cfg.nsamples, cfg.seqlen, None)
     calibration.validate(1, cfg.eval_seqlen, None, "--eval-seqlen")
+    if is_url(cfg.store):  # reachable, credentials accepted, bucket there: one probe object
+        Store(cfg.store).remote.check()
+        return
     checks.store_location(Path(cfg.store).expanduser())
     if not Path(cfg.store).expanduser().is_absolute() and deployment_run():
         raise UserError(f"store {cfg.store!r} is relative, and a worker runs each flow in a "
@@ -144,7 +148,7 @@ def dense_stages(cfg: DenseConfig, inputs: Inputs, log: StageLog) -> dict:
 @flow(name="ebft-dense")
 def dense_flow(cfg: DenseConfig) -> dict:
     inputs = prepare_dense(cfg)
-    log = StageLog()
+    log = StageLog(inputs.store)
     result = dense_stages(cfg, inputs, log)
     return {
         "config": asdict(cfg), "model": asdict(inputs.model), "device": str(inputs.device),

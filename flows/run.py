@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from prefect import flow
 
-from flows.caching import StageLog, run_stage
+from flows.caching import StageLog, here, run_stage
 from flows.config import DenseConfig, PruneConfig, RunConfig, ZeroShotConfig
 from flows.dense import Inputs, check_dense_flags, dense_stages, prepare_dense
 from stages.errors import UserError
@@ -25,6 +25,7 @@ from stages.model.devices import DTYPES
 from stages.model.model_source import ModelSource
 from stages.recovery import ebft, lora
 from stages.recovery.block_training import TrainConfig
+from stages.recovery.handover import HANDOVER
 from stages.recovery.lora import LoraSettings
 from store import Artifact, Store, digest_json, write_json
 
@@ -48,6 +49,9 @@ def prepare(cfg: RunConfig) -> Inputs:
         raise UserError(f"--save-dtype {cfg.save_dtype!r}: choose auto, {', '.join(DTYPES)}")
     if cfg.form not in FORMS:
         raise UserError(f"--form {cfg.form!r}: choose {' or '.join(FORMS)}")
+    if cfg.keep_boundaries and not cfg.write_boundaries:
+        raise UserError("--keep-boundaries keeps what --no-boundary-writes does not write: "
+                        "use one of the two")
     mask_spec = mask_spec_for(cfg, "model", "activations", "float32")
     pruning.validate(mask_spec)
     cfg.train.validate(cfg.dense.nsamples)
@@ -116,7 +120,7 @@ def mask_spec_for(cfg: RunConfig, model_digest: str, activations_key: str,
 def run_flow(cfg: RunConfig) -> dict:
     started = time.monotonic()
     inputs = prepare(cfg)
-    run = Run(cfg, inputs, StageLog())
+    run = Run(cfg, inputs, StageLog(inputs.store))
     dense = dense_stages(cfg.dense, inputs, run.log)
     masks = run.masks(dense["activations"])
     pruned_ppl = run.perplexity("perplexity-pruned", inputs.model, masks)
@@ -212,12 +216,16 @@ class Run:
                            train=self.cfg.train, nm_m=self.mask_spec.parsed_pattern().m,
                            dtype=self.dtype, io_batch_size=self.cfg.dense.batch_size)
         started = time.monotonic()
-        states = [run_stage(ebft.STAGE, spec, self.store, store_root=str(self.store.root),
-                            model=self.model, activations=activations, masks=masks,
-                            device=self.device, chain=specs,
-                            keep_boundaries=self.cfg.keep_boundaries) for spec in specs]
+        try:
+            states = [run_stage(ebft.STAGE, spec, self.store, store_location=self.store.location,
+                                model=self.model, activations=activations, masks=masks,
+                                device=self.device, chain=specs,
+                                keep_boundaries=self.cfg.keep_boundaries,
+                                write_boundaries=self.cfg.write_boundaries) for spec in specs]
+        finally:  # wait for the background boundary writes; free the hand-over
+            HANDOVER.clear()
         self.log.record("ebft", states, time.monotonic() - started)
-        blocks = [state.result() for state in states]
+        blocks = [here(self.store, state.result()) for state in states]
         self.ebft_time = training_share([ebft.read_record(b) for b in blocks], states,
                                         self.log.seconds["ebft"])
         self.last_block_key = specs[-1].key()

@@ -62,6 +62,16 @@ def read_rows(group: zarr.Group, boundary: int, rows: list[int]) -> torch.Tensor
         return _as_tensor(group, np.stack([np.asarray(array[i]) for i in rows]))
 
 
+Source = tuple | torch.Tensor  # (zarr group, boundary index), or the boundary in memory
+
+
+def rows(source: Source, start: int, stop: int) -> torch.Tensor:
+    """Samples [start, stop) of a boundary, stored or already in memory (same values)."""
+    if isinstance(source, torch.Tensor):
+        return source[start:stop]
+    return read(*source, start, stop)
+
+
 def _as_tensor(group: zarr.Group, raw: np.ndarray) -> torch.Tensor:
     tensor = torch.from_numpy(raw)
     if group.attrs["ebft_dtype"] == "bfloat16":

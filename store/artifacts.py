@@ -4,6 +4,13 @@ Layout: ``<root>/<kind>/<key>/`` holding the artifact's files plus ``DIGEST`` (a
 the files, written last). An artifact without ``DIGEST`` is incomplete and is never used.
 Writes go to a temporary sibling folder that is renamed into place, so a crash leaves
 nothing half-written under the final name.
+
+A store may also be a URL (``s3://bucket/prefix``, any fsspec filesystem: ``store.remote``).
+Then the folder is this machine's read-through copy of it (``EBFT_STORE_CACHE``, default
+``~/.cache/ebft/stores/<digest of the URL>``): an artifact is published to the remote
+first (manifest last, first publisher wins), and an artifact found only on the remote is
+downloaded, checked against its manifest, and used from the local copy. Locks live on the
+remote (``store.locks.ObjectLock``), so runs on several machines compute each artifact once.
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import time
@@ -22,8 +28,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from store.hashing import digest_path
-from store.locks import StageLock, owned_by_a_gone_process, owner_note
+from store.hashing import digest_json, digest_path
+from store.locks import ObjectLock, StageLock, owned_by_a_gone_process, owner_note
+from store.remote import Remote, is_url
 
 CACHE_NEUTRAL = "where and how artifacts are written, not what they hold"
 
@@ -49,17 +56,10 @@ class StoreFull(OSError):
     """The store's disk is full: said in one line, with the fix, and nothing left behind."""
 
 
-class StoreLocationError(ValueError):
-    """A --store value this store cannot open: said in one line, with the fix."""
-
-
-def check_location(location: str) -> None:
-    """Refuse URLs (``s3://…``): the store is a local (or mounted) folder for now, and a
-    URL taken as a folder name would silently write a local folder named ``s3:``."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(location)):
-        raise StoreLocationError(f"--store {location}: URL stores are not supported yet; pass "
-                                 "a folder path (a shared or mounted filesystem works across "
-                                 "machines)")
+def cache_folder(url: str) -> Path:
+    """This machine's read-through copy of a remote store."""
+    base = os.environ.get("EBFT_STORE_CACHE") or Path.home() / ".cache" / "ebft" / "stores"
+    return Path(base).expanduser().resolve() / digest_json(url.rstrip("/"))[:16]
 
 
 @dataclass(frozen=True)
@@ -76,24 +76,56 @@ class Artifact:
 
 
 class Store:
-    def __init__(self, root: str | os.PathLike) -> None:
-        check_location(str(root))
-        self.root = Path(root).expanduser().resolve()
+    def __init__(self, location: str | os.PathLike) -> None:
+        self.location = str(location)  # what --store said: a folder, or a URL
+        self.remote = Remote(self.location) if is_url(self.location) else None
+        self.root = cache_folder(self.location) if self.remote else \
+            Path(location).expanduser().resolve()
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key
 
-    def lock(self, kind: str, key: str) -> StageLock:
+    def lock(self, kind: str, key: str) -> StageLock | ObjectLock:
         """The leased lock that makes concurrent runs compute this artifact once."""
-        return StageLock(self.root / "locks" / kind / f"{key}.lock", what=f"{kind}/{key[:16]}")
+        what = f"{kind}/{key[:16]}"
+        if self.remote:
+            return ObjectLock(self.remote, self.remote.path("locks", kind, f"{key}.lock"),
+                              what=what)
+        return StageLock(self.root / "locks" / kind / f"{key}.lock", what=what)
 
     def get(self, kind: str, key: str) -> Artifact | None:
-        """The complete artifact under this key, or None (cheap: reads the stored digest)."""
+        """The complete artifact under this key, or None (cheap: reads the stored digest;
+        from a remote store, downloads it the first time)."""
         folder = self.path(kind, key)
         digest_file = folder / DIGEST_FILE
-        if not digest_file.is_file():
+        if not digest_file.is_file() and not (self.remote and self._fetch(kind, key)):
             return None
         return Artifact(kind, key, str(folder), digest_file.read_text().strip())
+
+    def _fetch(self, kind: str, key: str) -> bool:
+        """Download a published remote artifact into the local copy; False if there is none.
+        What arrives must match its manifest, else it is unpublished (it will be recomputed)."""
+        digest = self.remote.digest(kind, key)
+        if digest is None:
+            return False
+        final = self.path(kind, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f"{TMP_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.remote.download(kind, key, tmp)
+            if digest_path(tmp) != digest or \
+                    (tmp / DIGEST_FILE).read_text().strip() != digest:
+                logger.warning("%s/%s on %s does not match its manifest: unpublished, it will "
+                               "be recomputed", kind, key, self.location)
+                self.remote.delete(kind, key)
+                return False
+            (tmp / STAMP_FILE).write_text(stamps(tmp))
+            with contextlib.suppress(OSError):  # another run of this machine got it first
+                os.replace(tmp, final)
+            return (final / DIGEST_FILE).is_file()
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def verify(self, artifact: Artifact, full: bool = False) -> bool:
         """Whether the artifact's files still match its digest.
@@ -130,13 +162,26 @@ class Store:
         found = self.get(kind, key)
         if found is None or self.verify(found):
             return found
+        if self.remote:  # the local copy is damaged: drop it, download it again
+            logger.warning("%s/%s: the local copy does not match its digest: downloading it "
+                           "again", kind, key)
+            self._delete_local(kind, key)
+            found = self.get(kind, key)
+            if found is None or self.verify(found):
+                return found
         logger.warning("%s/%s does not match its digest: deleted, it will be recomputed",
                        kind, key)
         self.delete(kind, key)
         return None
 
     def artifacts(self) -> Iterator[Artifact]:
-        """Every complete artifact in the store."""
+        """Every complete artifact in the store (of a remote store: downloaded)."""
+        if self.remote:
+            for kind, key in self.remote.artifacts():
+                found = self.get(kind, key)
+                if found is not None:
+                    yield found
+            return
         for digest_file in sorted(self.root.glob(f"*/*/{DIGEST_FILE}")):
             if digest_file.parent.name.startswith(TMP_PREFIX):
                 continue  # being written or deleted
@@ -162,7 +207,15 @@ class Store:
             yield tmp
             (tmp / DIGEST_FILE).write_text(digest_path(tmp) + "\n")
             (tmp / STAMP_FILE).write_text(stamps(tmp))  # a rename keeps sizes, mtimes, inodes
-            if replace:  # a document of the latest run (report, tables): the new one wins
+            if self.remote:  # the remote is the store; this folder is only its copy
+                kept = self.remote.upload(tmp, kind, key, replace=replace)
+                self._delete_local(kind, key)
+                if kept:
+                    os.replace(tmp, final)
+                else:  # another machine published it first: use theirs everywhere
+                    self._fetch(kind, key)
+                self._log_published(kind, key, kept=kept)
+            elif replace:  # a document of the latest run (report, tables): the new one wins
                 self.delete(kind, key)
                 os.replace(tmp, final)
                 self._log_published(kind, key)
@@ -230,18 +283,30 @@ class Store:
         Appends of one short line are atomic on local POSIX files, so concurrent runs can
         share the log; it is an audit trail, never read by the pipeline.
         """
-        line = json.dumps({"kind": kind, "key": key, "time": time.time(), "pid": os.getpid(),
-                           "host": socket.gethostname(), "kept": kept})
+        event = {"kind": kind, "key": key, "time": time.time(), "pid": os.getpid(),
+                 "host": socket.gethostname(), "kept": kept}
+        if self.remote:
+            self.remote.log(event)
+            return
+        line = json.dumps(event)
         with open(self.root / PUBLISHED_LOG, "a") as f:
             f.write(line + "\n")
 
     def published(self) -> list[dict]:
+        if self.remote:
+            return sorted(self.remote.published(), key=lambda e: e["time"])
         path = self.root / PUBLISHED_LOG
         return [json.loads(line) for line in path.read_text().splitlines()] \
             if path.exists() else []
 
     def delete(self, kind: str, key: str) -> None:
-        """Remove an artifact: renamed away first, so it is never seen half-deleted."""
+        """Remove an artifact (from the remote too): renamed away first, so it is never
+        seen half-deleted."""
+        if self.remote:
+            self.remote.delete(kind, key)
+        self._delete_local(kind, key)
+
+    def _delete_local(self, kind: str, key: str) -> None:
         final = self.path(kind, key)
         if final.exists():
             doomed = final.parent / f"{TMP_PREFIX}deleting-{key}-{uuid.uuid4().hex[:8]}"

@@ -208,3 +208,95 @@ class StageLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class ObjectLock:
+    """The same leased lock on an object store (``store.remote.Remote``), for runs on
+    several machines sharing one bucket. The lock is an object created only if absent; the
+    holder renews it by rewriting it only if it is still the version it wrote (S3's
+    If-Match), which also refreshes its modification time; a waiter breaks it when that time
+    is older than the lease (or its process is gone, on the waiter's own machine) by deleting
+    it only if it is still the version judged stale. So two waiters cannot both take it, and
+    a holder knows when it lost it. Ages are measured against this machine's clock: hosts
+    sharing a store need clocks within a small part of the lease (NTP)."""
+
+    def __init__(self, remote, path: str, lease_s: float | None = None, poll_s: float = 0.5,
+                 what: str = "") -> None:
+        self.remote, self.path, self.what = remote, path, what or path.rsplit("/", 1)[-1]
+        self.lease_s = lease_s if lease_s is not None else lease_seconds()
+        self.poll_s = poll_s
+        self.token = uuid.uuid4().hex
+        self.version: str | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _note(self) -> dict:
+        return {**owner_note(), "token": self.token, "acquired": time.time(),
+                "lease_s": self.lease_s}
+
+    def try_acquire(self) -> bool:
+        self.version = self.remote.create(self.path, self._note())
+        if self.version is None:
+            return False
+        self._stop.clear()
+        self._renewer = threading.Thread(target=self._renew, daemon=True,
+                                         name=f"lease-{self.what}")
+        self._renewer.start()
+        return True
+
+    def stale(self, note: dict, age: float) -> str | None:
+        lease = float(note.get("lease_s") or self.lease_s)
+        if age > lease:
+            return f"its lease ran out ({age:.0f}s > {lease:.0f}s)"
+        if owned_by_a_gone_process(note):
+            return f"its process {note['pid']} no longer exists"
+        return None
+
+    def acquire(self) -> None:
+        last_said = 0.0
+        while not self.try_acquire():
+            found = self.remote.read(self.path)
+            if found is None:
+                continue
+            note, version, age = found
+            why = self.stale(note, age)
+            if why:
+                if self.remote.remove(self.path, version):
+                    logger.warning("broke the lock on %s held by %s pid %s: %s", self.what,
+                                   note.get("host", "?"), note.get("pid", "?"), why)
+                continue
+            if time.monotonic() - last_said > 30:
+                logger.info("waiting for %s: held by %s pid %s (renewed %.0fs ago, expires "
+                            "after %.0fs without renewal)", self.what, note.get("host", "?"),
+                            note.get("pid", "?"), age, float(note.get("lease_s") or 0))
+                last_said = time.monotonic()
+            time.sleep(self.poll_s)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            try:
+                version = self.remote.replace(self.path, self._note(), self.version)
+            except OSError as err:
+                logger.warning("could not renew the lock on %s (%s); retrying", self.what, err)
+                continue
+            if version is None:
+                if not self._stop.is_set():
+                    logger.warning("lost the lock on %s (broken by another run); the artifact "
+                                   "stays correct, the work may be done twice", self.what)
+                return
+            self.version = version
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        if self.version is not None:
+            with contextlib.suppress(OSError):
+                self.remote.remove(self.path, self.version)
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -107,3 +107,23 @@ def dask_cluster(workdir: Path, workers: int = 2) -> Iterator[str]:
         with Client(address, timeout=60) as client:
             client.wait_for_workers(workers, timeout=120)
         yield address
+
+
+@contextlib.contextmanager
+def s3_server(folder: Path, bucket: str = "ebft-test") -> Iterator[dict]:
+    """A local S3-compatible endpoint (moto's standalone server) with one bucket; yields the
+    environment a client needs (endpoint and credentials, the usual AWS variables)."""
+    port = free_port()
+    log = folder / "s3.log"
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    with service([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log):
+        wait_for(lambda: httpx.get(env["AWS_ENDPOINT_URL"], timeout=2).status_code < 500,
+                 "the S3 server", 60, log)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                     aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        yield env | {"bucket": bucket}

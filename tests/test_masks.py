@@ -165,3 +165,43 @@ def test_a_method_is_one_class_whose_fields_are_its_flags_and_checks():
     assert METHODS["dsnot"].flag("var_power") == "--dsnot-var-power"
     assert ria(power=-1.0).problems() == ["--ria-power -1.0: must be >= 0"]
     assert METHODS["flap"]().problems() == []
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_pruned_path_in_memory_or_on_disk_gives_the_same_masks(tmp_path, tiny_model, method,
+                                                               monkeypatch):
+    """--mask-inputs sequential hands each pruned block's outputs to the next in memory when
+    they fit, else through a Zarr scratch: the artifacts are identical, and SparseGPT's new
+    weights are written one file per block."""
+    from safetensors.torch import load_file
+
+    from stages.inputs import capture
+    from stages.masks import pruning
+    from stages.model.model_source import resolve_model
+    from stages.model.streaming import BlockLoader
+    from store import Artifact
+
+    ids = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(0))
+    activations = tmp_path / "acts"
+    capture.capture_dense(BlockLoader(tiny_model, torch.float32), ids,
+                          activations / capture.ZARR_NAME, torch.device("cpu"),
+                          torch.float16, batch_size=4, attrs={})
+    spec = pruning.MaskSpec("m", "a", method=method, batch_size=4)
+    built = {}
+    for where in ("memory", "disk"):
+        if where == "disk":  # no memory to spare: the pruned path goes through Zarr
+            monkeypatch.setattr(pruning, "free_memory", lambda device: 0)
+        out = tmp_path / where
+        out.mkdir()
+        pruning.build(spec, out, resolve_model(str(tiny_model)),
+                      Artifact("activations", "a", str(activations), "d"), "cpu")
+        built[where] = {p.name: load_file(str(p)) for p in out.glob("*.safetensors")}
+        assert not (out / "scratch.zarr").exists()
+    assert built["memory"].keys() == built["disk"].keys()
+    for name, tensors in built["memory"].items():
+        for key, tensor in tensors.items():
+            assert torch.equal(tensor, built["disk"][name][key]), (name, key)
+    weight_files = sorted(n for n in built["memory"] if n.startswith("weights"))
+    n_blocks = BlockLoader(tiny_model, torch.float32).n_blocks
+    assert weight_files == ([f"weights-{i:05d}.safetensors" for i in range(n_blocks)]
+                            if method == "sparsegpt" else [])

@@ -128,6 +128,11 @@ def test_preloaded_rows_equal_streamed_rows(tmp_path):
     rows = [4, 0, 3]
     memory = ebft.preload(ctx, (group, 0), (group, 1))(rows)
     streamed = ebft.preload(ctx, (group, 0), (group, 1), share=0.0)(rows)
+    handed_over = acts.read(group, 0, 0, 6)  # block inputs handed over in memory
+    for share in (0.25, 0.0):
+        from_memory = ebft.preload(ctx, handed_over, (group, 1), share=share)(rows)
+        for a, b in zip(from_memory, streamed, strict=True):
+            assert a.dtype == torch.bfloat16 and torch.equal(a, b)
     for a, b in zip(memory, streamed, strict=True):
         assert a.dtype == torch.bfloat16 and torch.equal(a, b)
 
@@ -146,6 +151,7 @@ def test_resume_after_failure_at_block_k_recomputes_nothing_before_it(
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_flow(cfg)
     monkeypatch.setattr(ebft.training, "train_block", real)
+    ebft.HANDOVER.clear()  # as in a new process: nothing handed over in memory
     # Lose the saved boundary too: it is rebuilt from the cached blocks, not retrained.
     for boundary in (tmp_path / "store" / "ebft-boundary").iterdir():
         __import__("shutil").rmtree(boundary)
@@ -157,6 +163,24 @@ def test_resume_after_failure_at_block_k_recomputes_nothing_before_it(
     mine, theirs = (linear_weights(r["model_folder"]) for r in (resumed, uninterrupted))
     assert mine.keys() == theirs.keys()
     for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+
+
+def test_boundaries_handed_over_in_memory_without_writes_give_the_same_weights(
+        monkeypatch, tmp_path, model, data_dir, uninterrupted):
+    """--no-boundary-writes: each block's outputs reach the next block in memory only (one
+    forward pass per block but the last, none rebuilt), the store holds no boundary, and
+    the weights equal a run that wrote them."""
+    forwards = []
+    real = ebft.Context.forward
+    monkeypatch.setattr(ebft.Context, "forward",
+                        lambda self, *a, **k: forwards.append(1) or real(self, *a, **k))
+    cfg = replace(config(tmp_path / "store", model, data_dir), write_boundaries=False)
+    result = run_flow(cfg)
+    assert len(forwards) == 2  # blocks 0 and 1 hand over; the last block's outputs: unused
+    assert not list((tmp_path / "store").glob("ebft-boundary/*"))
+    mine, theirs = (linear_weights(r["model_folder"]) for r in (result, uninterrupted))
+    for name in theirs:
         assert torch.equal(mine[name], theirs[name]), name
 
 

@@ -70,13 +70,6 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path):
     assert list((tmp_path / "thing").iterdir()) == []
 
 
-def test_a_url_store_is_refused_in_one_line():
-    from store import StoreLocationError
-
-    with pytest.raises(StoreLocationError, match="--store s3://bucket/x: URL stores"):
-        Store("s3://bucket/x")
-
-
 def test_digest_json_ignores_key_order():
     assert digest_json({"a": 1, "b": 2}) == digest_json({"b": 2, "a": 1})
 

@@ -50,7 +50,7 @@ def test_assembly_block_by_block_equals_the_whole_model_saved(tmp_path, monkeypa
     from transformers import AutoModelForCausalLM
 
     from stages.masks import parse_pattern, structured
-    from stages.masks.mask_files import BIASES_FILE, WEIGHTS_FILE, apply_masks, save_masks
+    from stages.masks.mask_files import BIASES_FILE, apply_masks, save_masks, weights_file
     from stages.model import assembly
     from stages.model.model_source import resolve_model
     from stages.recovery.ebft import BLOCK_FILE, load_block_weights
@@ -68,7 +68,7 @@ def test_assembly_block_by_block_equals_the_whole_model_saved(tmp_path, monkeypa
                {k: torch.rand(v.weight.shape, generator=gen) > 0.5 for k, v in linears.items()})
     first = next(iter(linears))  # one layer with new weights (SparseGPT)
     save_file({first: torch.randn(linears[first].weight.shape, generator=gen)},
-              str(masks / WEIGHTS_FILE))
+              str(masks / weights_file(0)))
     if kind == "llama":  # FLAP's compensation biases (Qwen2's config cannot save them all)
         save_file({k: torch.randn(v.out_features, generator=gen) for k, v in linears.items()
                    if k.endswith("o_proj")}, str(masks / BIASES_FILE))

@@ -3,9 +3,10 @@
 Kept apart from the mask methods so the stages that only read masks (perplexity of the
 pruned model, EBFT, LoRA, assembly) depend on this code, not on how masks are chosen.
 
-Files: ``masks.safetensors`` (bit-packed keep-masks), ``weights.safetensors`` (SparseGPT's
-updated weights, only when a method changes weights), ``biases.safetensors`` (FLAP's bias
-compensation, only when a method adds biases), ``report.json`` (sparsity per layer).
+Files: ``masks.safetensors`` (bit-packed keep-masks), ``weights-<block>.safetensors``
+(SparseGPT's updated weights, one file per block, only when a method changes weights),
+``biases.safetensors`` (FLAP's bias compensation, only when a method adds biases),
+``report.json`` (sparsity per layer).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 
@@ -24,40 +24,46 @@ from stages.masks import Pattern
 from stages.model.model_source import ModelSource, load_model
 from store import Artifact
 
-MASKS_FILE, WEIGHTS_FILE, REPORT_FILE = "masks.safetensors", "weights.safetensors", "report.json"
+MASKS_FILE, REPORT_FILE = "masks.safetensors", "report.json"
 BIASES_FILE = "biases.safetensors"
 
 
 class MaskFiles:
     """A mask artifact read one layer at a time: a 7B model's keep-masks are 6.5 GB as
-    booleans, so only the packed bits are kept and a layer is unpacked when asked for."""
+    booleans and 0.8 GB as bits, so a layer's bits are read and unpacked when asked for."""
 
     def __init__(self, artifact: Artifact) -> None:
         from safetensors import safe_open
 
         folder = Path(artifact.path)
-        with safe_open(str(folder / MASKS_FILE), "np") as f:
+        self.masks_file = folder / MASKS_FILE
+        with safe_open(str(self.masks_file), "np") as f:
             self.shapes = json.loads(f.metadata()["shapes"])
-        self.packed = load_numpy(str(folder / MASKS_FILE))  # 1 bit per weight
-        self.files = {name: folder / file for name, file in
-                      (("weights", WEIGHTS_FILE), ("biases", BIASES_FILE))
-                      if (folder / file).is_file()}
-        self.names = {kind: _tensor_names(path) for kind, path in self.files.items()}
+        # {kind: {tensor name: the file holding it}}
+        self.where = {kind: {name: path for path in sorted(folder.glob(pattern))
+                             for name in _tensor_names(path)}
+                      for kind, pattern in (("weights", "weights*.safetensors"),
+                                            ("biases", BIASES_FILE))}
 
     @property
     def has_biases(self) -> bool:
-        return bool(self.names.get("biases"))
+        return bool(self.where["biases"])
 
     def keep(self, name: str) -> torch.Tensor:
-        return unpack(self.packed[name], self.shapes[name])
+        from safetensors import safe_open
+
+        with safe_open(str(self.masks_file), "np") as f:
+            bits = f.get_tensor(name)  # 1 bit per weight
+        return unpack(bits, self.shapes[name])
 
     def tensor(self, kind: str, name: str) -> torch.Tensor | None:
         """The layer's new weight (``weights``) or bias (``biases``), if the method made one."""
-        if name not in self.names.get(kind, ()):
+        path = self.where[kind].get(name)
+        if path is None:
             return None
         from safetensors import safe_open
 
-        with safe_open(str(self.files[kind]), "pt") as f:
+        with safe_open(str(path), "pt") as f:
             return f.get_tensor(name)
 
     def block(self, index: int, names) -> tuple[dict, dict, dict]:
@@ -112,9 +118,17 @@ def load_masks(artifact: Artifact) -> dict[str, torch.Tensor]:
     return {name: files.keep(name) for name in files.shapes}
 
 
+def weights_file(index: int) -> str:
+    """The file of block ``index``'s new weights (methods that change weights)."""
+    return f"weights-{index:05d}.safetensors"
+
+
 def load_weights(artifact: Artifact) -> dict[str, torch.Tensor]:
-    path = Path(artifact.path) / WEIGHTS_FILE
-    return load_file(str(path)) if path.exists() else {}
+    """Every new weight of a mask artifact (the whole model's: small models and LoRA)."""
+    weights = {}
+    for path in sorted(Path(artifact.path).glob("weights*.safetensors")):
+        weights.update(load_file(str(path)))
+    return weights
 
 
 def load_biases(artifact: Artifact) -> dict[str, torch.Tensor]:

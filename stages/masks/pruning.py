@@ -40,12 +40,13 @@ from stages.masks.block_stats import collect_stats
 from stages.masks.mask_files import (
     MASKS_FILE,
     REPORT_FILE,
-    WEIGHTS_FILE,
     layer_rows,
     pack,
     save_packed,
     summarize,
+    weights_file,
 )
+from stages.model.devices import free_memory
 from stages.model.model_source import ModelSource
 from stages.model.streaming import BlockLoader
 from stages.progress import Progress
@@ -135,6 +136,42 @@ def prune_block(block, batches, kwargs_for, spec: MaskSpec) -> dict[str, tuple]:
 
 # ---- the whole model ----------------------------------------------------------------------
 
+class PrunedPath:
+    """The pruned blocks' outputs, block after block (``--mask-inputs sequential``): in
+    memory (on the device when two boundaries fit in a quarter of its free memory, else the
+    host) or, when they do not fit, in a two-slot Zarr scratch inside the artifact's folder.
+    Same 16-bit values either way."""
+
+    def __init__(self, out: Path, n: int, seqlen: int, hidden: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.shape, self.dtype, self.out = (n, seqlen, hidden), dtype, out
+        size = 2 * n * seqlen * hidden * 2
+        self.home = next((d for d in (device, torch.device("cpu"))
+                          if size <= 0.25 * free_memory(d)), None)
+        self.scratch = None if self.home else acts.create(out / "scratch.zarr", 2,
+                                                          self.shape, dtype, {})
+        self.inputs: acts.Source | None = None
+        self.slot = 0
+
+    def next(self) -> PrunedPath:
+        """Start the next boundary; it becomes ``inputs`` at once (written before read)."""
+        self.slot = 1 - self.slot
+        self.inputs = (torch.empty(self.shape, dtype=self.dtype, device=self.home)
+                       if self.home else (self.scratch, self.slot))
+        return self
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        if self.home:
+            self.inputs[start:start + len(values)] = values.to(self.home, self.dtype)
+        else:
+            acts.write(self.scratch, self.slot, start, values)
+
+    def close(self) -> None:
+        self.inputs = None
+        if self.scratch is not None:
+            shutil.rmtree(self.out / "scratch.zarr")
+
+
 def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
           device: str) -> None:
     """The masks of every block (a structured method: of the whole model at once)."""
@@ -158,48 +195,41 @@ def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
         return kwargs_cache[batch]
 
     ranges = [(s, min(s + spec.batch_size, n)) for s in range(0, n, spec.batch_size)]
-    # Masks are kept as bits (a 7B model's are 6.5 GB as booleans, 0.8 GB packed), and the
-    # sparsity report is made block by block. SparseGPT's new weights are kept until the end
-    # (a model's worth in the compute dtype: not yet written block by block).
-    packed, shapes, weights, rows = {}, {}, {}, []
+    # Masks are kept as bits (a 7B model's are 6.5 GB as booleans, 0.8 GB packed), the
+    # sparsity report is made block by block, and SparseGPT's new weights are written block
+    # by block: nothing here grows with the depth.
+    packed, shapes, rows = {}, {}, []
     pattern = spec.parsed_pattern()
     progress = Progress(f"masks {spec.method} (blocks)", loader.n_blocks)
-    scratch = None
-    if spec.mask_inputs == "sequential":
-        scratch = acts.create(out / "scratch.zarr", 2, (n, seqlen, hidden),
-                              storage_dtype(dtype), {})
-
-    def inputs_of(index: int):
-        """Where block ``index`` reads its inputs: dense capture, or the pruned path."""
-        if scratch is None or index == 0:
-            return dense, index
-        return scratch, index % 2
+    pruned_path = PrunedPath(out, n, seqlen, hidden, storage_dtype(dtype), device) \
+        if spec.mask_inputs == "sequential" else None
 
     for index, block in enumerate(loader.blocks(device)):
-        group, boundary = inputs_of(index)
+        # block 0, and every block with --mask-inputs dense, reads the dense capture
+        source = pruned_path.inputs if pruned_path and index > 0 else (dense, index)
 
-        def batches(group=group, boundary=boundary):
+        def batches(source=source):
             for start, stop in ranges:
-                yield acts.read(group, boundary, start, stop).to(device, dtype)
+                yield acts.rows(source, start, stop).to(device, dtype)
 
-        block_keep = {}
+        block_keep, weights = {}, {}
         for name, (keep, weight) in prune_block(block, batches, kwargs_for, spec).items():
             full = f"{index}.{name}"
             packed[full], shapes[full], block_keep[full] = pack(keep), list(keep.shape), keep
             if weight is not None:
                 weights[full] = weight
         rows += layer_rows(block_keep, pattern)
-        if scratch is not None and index + 1 < loader.n_blocks:
+        if weights:
+            save_file(weights, str(out / weights_file(index)))
+        if pruned_path and index + 1 < loader.n_blocks:
             with torch.inference_mode():
+                outputs = pruned_path.next()
                 for (start, stop), x in zip(ranges, batches(), strict=True):
-                    y = arch.run_block(block, x, kwargs_for(stop - start))
-                    acts.write(scratch, (index + 1) % 2, start, y)
+                    outputs.write(start, arch.run_block(block, x, kwargs_for(stop - start)))
         progress.update(index + 1)
-    if scratch is not None:
-        shutil.rmtree(out / "scratch.zarr")
+    if pruned_path:
+        pruned_path.close()
     save_packed(out / MASKS_FILE, packed, shapes)
-    if weights:
-        save_file(weights, str(out / WEIGHTS_FILE))
     report = summarize(rows, pattern)
     report.update(spec=asdict(spec), seconds=round(time.monotonic() - started, 1),
                   calibration_samples=n)

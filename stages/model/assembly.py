@@ -69,11 +69,9 @@ def build(spec: AssemblySpec, out: Path, model: ModelSource, masks: Artifact,
     with_biases = mask_files.has_biases  # FLAP's compensation: every projection gets one
     writer = ShardWriter(out)
     blocks_prefix = loader.prefix.removesuffix("0.")
-    shell = loader.shell.state_dict()
-    writer.add({name: tensor.to(dtype) for name, tensor in shell.items()
-                if not name.startswith(blocks_prefix)
-                and not (name == "lm_head.weight"
-                         and getattr(loader.config, "tie_word_embeddings", False))})
+    writer.add({name: tensor for name, tensor in loader.outside_blocks(dtype).items()
+                if not (name == "lm_head.weight"
+                        and getattr(loader.config, "tie_word_embeddings", False))})
     rows = []
     for index in range(loader.n_blocks):
         block = loader.block(index)

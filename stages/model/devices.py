@@ -29,6 +29,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on a device now (host: the kernel's available pages)."""
+    import os
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def storage_dtype(compute: torch.dtype) -> torch.dtype:
     """Activations are stored in 16 bits: bf16 when computing in bf16, else fp16."""
     return torch.bfloat16 if compute == torch.bfloat16 else torch.float16

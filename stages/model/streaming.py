@@ -38,9 +38,11 @@ def tensor_files(folder: Path) -> dict[str, Path]:
 
 def skeleton(config, vocab_size: int | None = 8, dtype: torch.dtype | None = None) -> nn.Module:
     """The model with one block and (by default) an 8-token vocabulary, for the blocks'
-    keyword arguments: built without initialising weights (its block is never run), its
-    rotary embedding rebuilt on the CPU so the positions are real. ``vocab_size=None``
-    keeps the model's vocabulary (the shell that embeds tokens and computes logits)."""
+    keyword arguments. Its block stays on the meta device (no memory: a 7B block is 0.8 GB
+    in fp32, and it is never run, only copied as the template that stored tensors are
+    assigned into); everything else is allocated uninitialised, and the rotary embedding is
+    rebuilt on the CPU so the positions are real. ``vocab_size=None`` keeps the model's
+    vocabulary (the shell that embeds tokens and computes logits)."""
     from transformers import AutoModelForCausalLM
 
     small = config.to_dict()
@@ -51,11 +53,17 @@ def skeleton(config, vocab_size: int | None = 8, dtype: torch.dtype | None = Non
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(small_config, attn_implementation="sdpa",
                                                  dtype=dtype or torch.float32)
+    blocks = arch.decoder_blocks(model)
+    owner, _, attr = next(name for name, module in model.named_modules()
+                          if module is blocks).rpartition(".")
+    parent = model.get_submodule(owner) if owner else model
+    setattr(parent, attr, nn.ModuleList())  # materialise all but the block...
     model.to_empty(device="cpu")
+    setattr(parent, attr, blocks)  # ...which stays on the meta device
     for name, module in list(model.named_modules()):
         if type(module).__name__.endswith("RotaryEmbedding"):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr,
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child,
                     type(module)(config=small_config))
     model.eval()
     model.config.use_cache = False
@@ -94,8 +102,12 @@ class BlockLoader:
                                     "safetensors files; the checkpoint is incomplete")
                 with safe_open(str(path), "pt") as f:
                     state[name] = f.get_tensor(prefix + name).to(self.dtype)
-        block = copy.deepcopy(self.template)
+        block = copy.deepcopy(self.template)  # on the meta device: costs nothing
         block.load_state_dict(state, strict=False, assign=True)
+        unset = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
+        if unset:
+            raise UserError(f"{self.folder}: block {index} has state its checkpoint does not "
+                            f"store ({', '.join(unset)}); this architecture cannot be streamed")
         for module in block.modules():  # the layer's own index (attention caches use it)
             if hasattr(module, "layer_idx"):
                 module.layer_idx = index
@@ -108,7 +120,7 @@ class BlockLoader:
     @functools.cached_property
     def shell(self) -> nn.Module:
         """The model around its blocks: embeddings, final norm and head with their stored
-        weights (tied heads tied), and one block that is never run (left uninitialised)."""
+        weights (tied heads tied), and one block that is never run (left on the meta device)."""
         model = skeleton(self.config, vocab_size=None, dtype=self.dtype)
         blocks = f"{self.prefix.removesuffix('0.')}"
         names = [n for n, _ in model.named_parameters() if not n.startswith(blocks)]
@@ -127,6 +139,19 @@ class BlockLoader:
         if getattr(self.config, "tie_word_embeddings", False):
             model.tie_weights()
         return model.to(self.dtype).eval()
+
+    def outside_blocks(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Every stored tensor that is not in a block (embeddings, final norm, head), read
+        straight from the files in ``dtype``: what an output folder writes besides its
+        blocks, without building the shell in the loader's (maybe wider) dtype."""
+        blocks = self.prefix.removesuffix("0.")
+        out = {}
+        with io_time():
+            for name, path in self.files.items():
+                if not name.startswith(blocks):
+                    with safe_open(str(path), "pt") as f:
+                        out[name] = f.get_tensor(name).to(dtype)
+        return out
 
     def first_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Block 0's input (the embedded tokens) and the blocks' keyword arguments."""

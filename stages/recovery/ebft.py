@@ -10,15 +10,17 @@ Each block's key chains the key of the block before it, so it covers its input a
 (everything upstream), the mask, the target, the hyperparameters and the code. Artifacts:
 - ``ebft-block/<key>``: the block's linear weights (``block.safetensors``) and its record;
 - ``ebft-boundary/<key>``: the block's outputs on the calibration set, i.e. the next block's
-  inputs. Boundaries are scratch: each is deleted once the next one exists, and a missing one
-  is rebuilt by running the cached fine-tuned blocks forward, so a run stopped at block k
-  resumes at block k without recomputing anything before it.
+  inputs. The next block's task in the same process takes them from memory
+  (``handover.py``); the store's copy is written in the background, only as a resume point
+  (``write_boundaries=False`` turns it off). Boundaries are scratch: each is deleted once the
+  next one exists, and a missing one is rebuilt by running the cached fine-tuned blocks
+  forward, so a run stopped at block k resumes at block k without recomputing anything
+  before it.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,10 +33,12 @@ import store.activations as acts
 from stages.errors import UserError
 from stages.inputs.capture import ZARR_NAME
 from stages.masks.mask_files import MaskFiles
+from stages.model.devices import free_memory
 from stages.model.model_source import ModelSource
 from stages.model.streaming import BlockLoader
 from stages.progress import logger
 from stages.recovery.block_training import TrainConfig
+from stages.recovery.handover import HANDOVER
 from stages.stage import Spec, Stage
 from store import Artifact, Store, write_json
 
@@ -70,6 +74,7 @@ class Context:
     def __init__(self, store: Store, loader: BlockLoader, activations: Artifact,
                  masks: Artifact, device: torch.device, dtype: torch.dtype):
         self.store, self.loader, self.device, self.dtype = store, loader, device, dtype
+        self.activations_key = activations.key
         self.dense = acts.open_group(Path(activations.path) / ZARR_NAME)
         self.n, self.seqlen, self.hidden = self.dense.attrs["shape"]
         self.masks = MaskFiles(masks)
@@ -99,18 +104,27 @@ class Context:
     def ranges(self, batch: int) -> list[tuple[int, int]]:
         return [(s, min(s + batch, self.n)) for s in range(0, self.n, batch)]
 
-    def new_boundary(self, path: Path):
+    @torch.no_grad()
+    def forward(self, block, source: acts.Source, batch: int) -> torch.Tensor:
+        """The block's outputs on every calibration sample, in the 16-bit storage dtype (the
+        values a boundary in the store holds), on the device when they fit, else the host."""
         from stages.model.devices import storage_dtype
 
-        return acts.create(path, 1, (self.n, self.seqlen, self.hidden),
-                           storage_dtype(self.dtype), {})
-
-    @torch.no_grad()
-    def forward_into(self, block, source: tuple, out_group, batch: int) -> None:
-        group, boundary = source
+        home = self.device if fits(self, 2) else torch.device("cpu")
+        out = torch.empty(self.n, self.seqlen, self.hidden, dtype=storage_dtype(self.dtype),
+                          device=home)
         for start, stop in self.ranges(batch):
-            x = acts.read(group, boundary, start, stop).to(self.device, self.dtype)
-            acts.write(out_group, 0, start, arch.run_block(block, x, self.kwargs_for(len(x))))
+            x = acts.rows(source, start, stop).to(self.device, self.dtype)
+            out[start:stop] = arch.run_block(block, x, self.kwargs_for(len(x))).to(home)
+        return out
+
+    def save_boundary(self, key: str, outputs: torch.Tensor) -> None:
+        """Publish ``outputs`` as the boundary artifact of the block whose spec key this is."""
+        with self.store.writing("ebft-boundary", key) as tmp:
+            group = acts.create(tmp / ZARR_NAME, 1, tuple(outputs.shape), outputs.dtype, {})
+            acts.write(group, 0, 0, outputs.cpu())
+
+
 
 
 def load_block_weights(block, artifact: Artifact) -> None:
@@ -121,10 +135,14 @@ def load_block_weights(block, artifact: Artifact) -> None:
             block.get_parameter(name).copy_(tensor)
 
 
-def input_source(ctx: Context, specs: list[BlockSpec], index: int) -> tuple:
-    """(zarr group, boundary) holding block ``index``'s inputs; rebuilt if it was deleted."""
+def input_source(ctx: Context, specs: list[BlockSpec], index: int) -> acts.Source:
+    """Block ``index``'s inputs: handed over in memory by the previous block's task, or the
+    stored boundary, or rebuilt from the newest stored one if it was deleted."""
     if index == 0:
         return ctx.dense, 0
+    kept = HANDOVER.take(specs[index - 1].key())
+    if kept is not None:
+        return kept
     found = ctx.store.get("ebft-boundary", specs[index - 1].key())
     if found:
         return acts.open_group(Path(found.path) / ZARR_NAME), 0
@@ -138,28 +156,47 @@ def input_source(ctx: Context, specs: list[BlockSpec], index: int) -> tuple:
             raise UserError(f"block {j} has no stored result; rerun the flow from block {j}")
         block = ctx.sparse_block(j)  # its biases (FLAP) are not in the block artifact
         load_block_weights(block, block_artifact)
-        with ctx.store.writing("ebft-boundary", specs[j].key()) as tmp:
-            ctx.forward_into(block, source, ctx.new_boundary(tmp / ZARR_NAME),
-                             specs[j].io_batch_size)
+        source = ctx.forward(block, source, specs[j].io_batch_size)
         block.to("cpu")
-        source = (acts.open_group(ctx.store.path("ebft-boundary", specs[j].key()) / ZARR_NAME), 0)
     return source
 
 
-def preload(ctx: Context, source: tuple, target: tuple, share: float = 0.25):
+def dense_target(ctx: Context, index: int) -> acts.Source:
+    """Block ``index``'s target under Eq. 4: the dense model's output of that block (read in
+    the background while the block before trained, when it fits)."""
+    prefetched = HANDOVER.prefetched(f"{ctx.activations_key}/{index + 1}")
+    return prefetched if prefetched is not None else (ctx.dense, index + 1)
+
+
+def prefetch_dense_target(ctx: Context, index: int) -> None:
+    if index < ctx.loader.n_blocks and fits(ctx, 4):
+        HANDOVER.prefetch(f"{ctx.activations_key}/{index + 1}",
+                          lambda: acts.read(ctx.dense, index + 1, 0, ctx.n))
+
+
+def fits(ctx: Context, count: int, share: float = 0.25) -> bool:
+    """Whether ``count`` calibration boundaries (16-bit) fit in ``share`` of the free memory
+    of the training device."""
+    return count * ctx.n * ctx.seqlen * ctx.hidden * 2 <= share * free_memory(ctx.device)
+
+
+def preload(ctx: Context, source: acts.Source, target: acts.Source, share: float = 0.25):
     """A function giving the (input, target) rows of a training batch.
 
     Every epoch reads every row again, so when both boundaries fit in a quarter of the
-    free memory of the training device they are read from the store once, in their 16-bit
-    storage form, and batches are sliced from memory (on a GPU the per-batch Zarr reads
-    took ~90% of a block's training time). Otherwise rows are streamed from the store.
-    The values are the same either way.
+    free memory of the training device they are held there in their 16-bit storage form,
+    and batches are sliced from memory (on a GPU the per-batch Zarr reads took ~90% of a
+    block's training time). Otherwise rows are streamed from the store (or sliced from the
+    host when already in memory). The values are the same either way.
     """
-    needed = 2 * ctx.n * ctx.seqlen * ctx.hidden * 2
-    if needed > share * free_memory(ctx.device):
-        return lambda rows: (acts.read_rows(*source, rows), acts.read_rows(*target, rows))
-    xs = acts.read(*source, 0, ctx.n).to(ctx.device)
-    ys = acts.read(*target, 0, ctx.n).to(ctx.device)
+    if not fits(ctx, 2, share):
+        def sliced(source: acts.Source, rows: list[int]) -> torch.Tensor:
+            if isinstance(source, torch.Tensor):
+                return source[torch.tensor(rows, device=source.device)]
+            return acts.read_rows(*source, rows)
+        return lambda rows: (sliced(source, rows), sliced(target, rows))
+    xs = acts.rows(source, 0, ctx.n).to(ctx.device)
+    ys = acts.rows(target, 0, ctx.n).to(ctx.device)
 
     def rows_of(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.tensor(rows, device=ctx.device)
@@ -167,47 +204,43 @@ def preload(ctx: Context, source: tuple, target: tuple, share: float = 0.25):
     return rows_of
 
 
-def free_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def build(spec: BlockSpec, out: Path, store_root: str, model: ModelSource,
+def build(spec: BlockSpec, out: Path, store_location: str, model: ModelSource,
           activations: Artifact, masks: Artifact, device: str, chain: list[BlockSpec],
-          keep_boundaries: bool = False) -> None:
-    """Fine-tune block ``spec.index``: its weights and record go to ``out``, its outputs on
-    the calibration set (the next block's inputs) to an ``ebft-boundary`` artifact."""
+          keep_boundaries: bool = False, write_boundaries: bool = True) -> None:
+    """Fine-tune block ``spec.index``: its weights and record go to ``out``; its outputs on
+    the calibration set (the next block's inputs) are handed over in memory and, in the
+    background, written as an ``ebft-boundary`` artifact."""
     from stages.model.devices import DTYPES, resolve_device
 
     dtype = DTYPES[spec.dtype]
-    ctx = Context(Store(store_root), BlockLoader(model.path, dtype), activations, masks,
-                  resolve_device(device), dtype)
-    train_block(ctx, chain, spec.index, out, keep_boundaries)
+    ctx = Context(Store(store_location), loader_for(model.path, model.digest, dtype), activations,
+                  masks, resolve_device(device), dtype)
+    train_block(ctx, chain, spec.index, out, keep_boundaries, write_boundaries)
 
 
 STAGE = Stage("ebft-block", build)
 
 
+@functools.lru_cache(maxsize=2)
+def loader_for(path: str, digest: str, dtype: torch.dtype) -> BlockLoader:
+    """One loader per model (by its files' digest) for all of a process's block tasks: the
+    files' headers are read and the skeleton built once, not per block."""
+    return BlockLoader(path, dtype)
+
+
 def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
-                keep_boundaries: bool) -> None:
-    spec = specs[index]
-    key = spec.key()
+                keep_boundaries: bool, write_boundaries: bool = True) -> None:
+    spec, cfg, log = specs[index], specs[index].train, logger().info
+    key, last = spec.key(), index == len(specs) - 1
     source = input_source(ctx, specs, index)
-    dense_block = ctx.dense_block(index) if spec.train.target == "dense-block" else None
+    if cfg.target == "dense-block":  # dense block l on the sparse-path inputs, once
+        target = ctx.forward(ctx.dense_block(index), source, spec.io_batch_size)
+    else:
+        target = dense_target(ctx, index)
+        prefetch_dense_target(ctx, index + 1)  # read while this block trains
     block = ctx.sparse_block(index)
-    cfg = spec.train
     n_holdout = cfg.holdout_count(ctx.n)
     train_rows, holdout_rows = list(range(ctx.n - n_holdout)), list(range(ctx.n - n_holdout, ctx.n))
-    log = logger().info
-
-    if dense_block is not None:  # dense block l on the sparse-path inputs, once
-        target_group = ctx.new_boundary(out / "target.zarr")
-        ctx.forward_into(dense_block, source, target_group, spec.io_batch_size)
-        del dense_block
-        target = (target_group, 0)
-    else:
-        target = (ctx.dense, index + 1)
 
     # The block trains in fp32 (master weights) even when the model runs in 16 bits:
     # AdamW's small late updates would round away in bf16 weights. Speed comes from
@@ -221,11 +254,10 @@ def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
 
     record = training.train_block(block, ctx.keep(index), batches, train_rows, holdout_rows,
                                   lambda b: ctx.kwargs_for(b, torch.float32), cfg,
-                                  ctx.device, torch.float32, index, spec.nm_m, log)
+                                  ctx.device, torch.float32, index, spec.nm_m, log,
+                                  state_dtype=ctx.dtype)
     block.to(ctx.dtype)
     keep = record.pop("_keep")
-    if cfg.target == "dense-block":
-        shutil.rmtree(out / "target.zarr")
     trained = [f"{name}.weight" for name in arch.linear_layers(block)]
     if cfg.train_norms:
         trained = [name for name, _ in block.named_parameters()]
@@ -236,11 +268,21 @@ def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
                           for name, k in keep.items()}
     write_json(out, RECORD_FILE, {**record, "spec": asdict(spec), "key": key})
 
-    with ctx.store.writing("ebft-boundary", key) as tmp:
-        ctx.forward_into(block, source, ctx.new_boundary(tmp / ZARR_NAME), spec.io_batch_size)
+    if last and not keep_boundaries:  # nothing reads the last block's outputs
+        return
+    outputs = ctx.forward(block, source, spec.io_batch_size)
     block.to("cpu")
-    if index > 0 and not keep_boundaries:
-        ctx.store.delete("ebft-boundary", specs[index - 1].key())
+    HANDOVER.keep(key, outputs)
+    previous = specs[index - 1].key() if index > 0 and not keep_boundaries else None
+
+    def save() -> None:  # then the previous boundary is no longer the newest resume point
+        ctx.save_boundary(key, outputs)
+        if previous:
+            ctx.store.delete("ebft-boundary", previous)
+    if write_boundaries:
+        HANDOVER.write_later(save, f"block {index}'s boundary")
+    elif previous:
+        ctx.store.delete("ebft-boundary", previous)
 
 
 def read_record(artifact: Artifact) -> dict:
