@@ -63,7 +63,8 @@ def timed_run(flags: list[str]) -> dict:
     peak = max(usage.ru_maxrss * 1024, stage_peak)
     return {"wall_s": round(time.monotonic() - start, 1),
             "peak_rss_mb": round(peak / 2**20), "stages": stages,
-            "perplexity": perplexity, "ebft_time": report.get("ebft_time")}
+            "perplexity": perplexity, "ebft_time": report.get("ebft_time"),
+            "blocks": report.get("blocks") or []}
 
 
 def main(argv: list[str] | None = None) -> int:

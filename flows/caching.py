@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 from prefect.states import Completed, State
 
 from stages.stage import Spec, Stage, produce
@@ -65,10 +66,20 @@ def run_stage(stage: Stage, spec: Spec, store: Store, **inputs) -> State:
     memory (they are paths, digests and small dicts), so nothing is pickled into the store
     and no record can point at a deleted artifact.
     """
-    configured = stage_task.with_options(name=stage.kind, task_run_name=stage.run_name(spec),
-                                         cache_policy=NO_CACHE, persist_result=False)
-    return configured(stage=stage, spec=spec, store_location=store.location, inputs=inputs,
-                      return_state=True)
+    return configured(stage, spec)(stage=stage, spec=spec, store_location=store.location,
+                                   inputs=inputs, return_state=True)
+
+
+def configured(stage: Stage, spec: Spec):
+    return stage_task.with_options(name=stage.kind, task_run_name=stage.run_name(spec),
+                                   cache_policy=NO_CACHE, persist_result=False)
+
+
+def submit_stage(stage: Stage, spec: Spec, store: Store, **inputs) -> PrefectFuture:
+    """The same task, submitted to the flow's task runner (threads, Dask, Ray) without
+    waiting: for stages that do not depend on each other (independent EBFT blocks)."""
+    return configured(stage, spec).submit(stage=stage, spec=spec,
+                                          store_location=store.location, inputs=inputs)
 
 
 def usage_of(state: State) -> Usage:

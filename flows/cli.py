@@ -130,6 +130,10 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
     option(tune, "--train-norms", "train.train_norms",
            "also train each block's norm scales (as the authors' code does)",
            action="store_const", const="on")
+    option(tune, "--block-inputs", "train.block_inputs",
+           "sequential (each block on the outputs of the fine-tuned blocks before it, as "
+           "the paper) or dense (on the dense model's, from the capture: the blocks are "
+           "independent and run at once on the task runner)")
     adapters = run.add_argument_group("LoRA baseline (--finetune lora, peft)")
     option(adapters, "--lora-rank", "lora.rank", "adapter rank")
     option(adapters, "--lora-alpha", "lora.alpha", "adapter scale alpha")
@@ -169,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the whole pipeline: prune, fine-tune, assemble, evaluate")
     add_dense_flags(run)
     add_run_flags(run)
+    add_runner_flags(run)
     sweep = sub.add_parser("sweep", allow_abbrev=False,
                            help="a grid of configurations sharing cached stages")
     add_dense_flags(sweep)
@@ -184,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a sweep key (sweeps/<key>/); default: every run report in the store")
     report.add_argument("--out", default=None, help="folder for tables and plots")
     return parser
+
+
+def add_runner_flags(run: argparse.ArgumentParser) -> None:
+    where = run.add_argument_group("where tasks run (independent EBFT blocks: --block-inputs "
+                                   "dense)")
+    option(where, "--task-runner", "runner.task_runner",
+           "threads, dask (prefect-dask) or ray (prefect-ray)")
+    option(where, "--address", "runner.address",
+           "address of an existing Dask scheduler or Ray cluster (default: a local one)")
+    option(where, "--workers", "runner.workers", "tasks at once on the thread runner")
 
 
 def add_sweep_flags(sweep: argparse.ArgumentParser) -> None:
@@ -402,10 +417,15 @@ def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
     if is_structured(cfg.prune.method):
         refuse(("prune.mask_inputs",), f"--method {cfg.prune.method} scores every block on "
                                        "the dense capture")
+    if cfg.runner.task_runner != "threads":
+        refuse(("runner.workers",), "it is the thread runner's width; the cluster decides")
+    else:
+        refuse(("runner.address",), "it names a Dask or Ray cluster (--task-runner dask|ray)")
 
 
 def _run(args: argparse.Namespace) -> int:
     from flows.run import prepare, run_flow
+    from flows.runners import task_runner_for
     from flows.server import prefect_api
 
     given = settings(args)
@@ -417,8 +437,10 @@ def _run(args: argparse.Namespace) -> int:
           f"{cfg.train.lr:g}, "
           f"perplexity on {cfg.dense.eval_windows or 'all'} windows of {cfg.dense.eval_seqlen}",
           flush=True)
+    runner = task_runner_for(cfg.runner.task_runner, cfg.runner.address, cfg.runner.workers)
     with prefect_api():
-        report = _finish(run_flow(cfg, return_state=True), lambda: stored_report(cfg))
+        report = _finish(run_flow.with_options(task_runner=runner)(cfg, return_state=True),
+                         lambda: stored_report(cfg))
     if report is None:
         return 1
     print_summary(report)

@@ -67,6 +67,15 @@ class ZeroShotConfig:
 
 
 @dataclass(frozen=True)
+class RunnerConfig:
+    """Where the flow's tasks run; changes no result, so no key holds it."""
+
+    task_runner: str = "threads"  # threads, dask or ray (Prefect's integrations)
+    address: str | None = None  # an existing Dask scheduler or Ray cluster; None: local
+    workers: int = 1  # tasks at once on the thread runner (independent EBFT blocks)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     dense: DenseConfig = field(default_factory=DenseConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -80,9 +89,10 @@ class RunConfig:
     # killed run recomputes the inputs of its next block from the cached blocks before it)
     write_boundaries: bool = True
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
 
     def key(self) -> str:
-        return digest_json(asdict(self))[:16]
+        return digest_json({k: v for k, v in asdict(self).items() if k != "runner"})[:16]
 
 
 # "default" is the dataclasses' own defaults. "paper" is the paper's setting: 256 x 1024 C4

@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from prefect import flow
 
-from flows.caching import StageLog, here, run_stage
+from flows.caching import StageLog, here, run_stage, submit_stage
 from flows.config import DenseConfig, PruneConfig, RunConfig, ZeroShotConfig
 from flows.dense import Inputs, check_dense_flags, dense_stages, prepare_dense
 from stages.errors import UserError
@@ -49,6 +49,8 @@ def prepare(cfg: RunConfig) -> Inputs:
         raise UserError(f"--save-dtype {cfg.save_dtype!r}: choose auto, {', '.join(DTYPES)}")
     if cfg.form not in FORMS:
         raise UserError(f"--form {cfg.form!r}: choose {' or '.join(FORMS)}")
+    if cfg.runner.workers < 1:
+        raise UserError(f"--workers {cfg.runner.workers}: must be at least 1")
     if cfg.keep_boundaries and not cfg.write_boundaries:
         raise UserError("--keep-boundaries keeps what --no-boundary-writes does not write: "
                         "use one of the two")
@@ -165,7 +167,7 @@ class Run:
         self.store, self.model, self.dtype = inputs.store, inputs.model, inputs.dtype
         self.device = str(inputs.device)
         self.mask_spec: pruning.MaskSpec | None = None
-        self.last_block_key: str | None = None
+        self.blocks_key: str | None = None
         self.ebft_time: dict | None = None
 
     def masks(self, activations: Artifact) -> Artifact:
@@ -210,27 +212,33 @@ class Run:
             device=self.device, masks=masks))
 
     def ebft_blocks(self, activations: Artifact, masks: Artifact) -> list[Artifact]:
-        """One cached task per block, in order: block l trains on block l-1's outputs."""
+        """One cached task per block. Sequential inputs: in order, block l training on block
+        l-1's outputs. Dense inputs: every block at once on the flow's task runner
+        (threads, Dask, Ray), each on the dense model's inputs from the capture."""
         specs = ebft.chain(load_config_layers(self.model), model_digest=self.model.digest,
                            activations_key=activations.key, masks_key=masks.key,
                            train=self.cfg.train, nm_m=self.mask_spec.parsed_pattern().m,
                            dtype=self.dtype, io_batch_size=self.cfg.dense.batch_size)
+        inputs = {"store_location": self.store.location, "model": self.model,
+                  "activations": activations, "masks": masks, "device": self.device,
+                  "chain": specs, "keep_boundaries": self.cfg.keep_boundaries,
+                  "write_boundaries": self.cfg.write_boundaries}
         started = time.monotonic()
-        try:
-            states = [run_stage(ebft.STAGE, spec, self.store, store_location=self.store.location,
-                                model=self.model, activations=activations, masks=masks,
-                                device=self.device, chain=specs,
-                                keep_boundaries=self.cfg.keep_boundaries,
-                                write_boundaries=self.cfg.write_boundaries) for spec in specs]
-        finally:  # wait for the background boundary writes; free the hand-over
-            HANDOVER.clear()
+        if self.cfg.train.block_inputs == "dense":
+            futures = [submit_stage(ebft.STAGE, spec, self.store, **inputs) for spec in specs]
+            states = [future.wait() or future.state for future in futures]
+        else:
+            try:
+                states = [run_stage(ebft.STAGE, spec, self.store, **inputs) for spec in specs]
+            finally:  # wait for the background boundary writes; free the hand-over
+                HANDOVER.clear()
         self.log.record("ebft", states, time.monotonic() - started)
         blocks = [here(self.store, state.result()) for state in states]
         self.ebft_time = training_share([ebft.read_record(b) for b in blocks], states,
                                         self.log.seconds["ebft"])
-        self.last_block_key = specs[-1].key()
+        self.blocks_key = ebft.blocks_key(specs)
         if not self.cfg.keep_boundaries:
-            self.store.delete("ebft-boundary", self.last_block_key)
+            self.store.delete("ebft-boundary", specs[-1].key())
         return blocks
 
     def lora(self, masks: Artifact, calib: Artifact) -> Artifact:
@@ -242,7 +250,7 @@ class Run:
     def assembly(self, masks: Artifact, blocks: list[Artifact],
                  lora_artifact: Artifact | None) -> Artifact:
         save_dtype = self.dtype if self.cfg.save_dtype == "auto" else self.cfg.save_dtype
-        spec = assembly.AssemblySpec(self.model.digest, masks.key, self.last_block_key,
+        spec = assembly.AssemblySpec(self.model.digest, masks.key, self.blocks_key,
                                      save_dtype, lora_artifact.key if lora_artifact else None,
                                      self.cfg.form)
         return self.log.run("assembly", lambda: run_stage(

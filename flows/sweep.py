@@ -17,9 +17,9 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.run import RunConfig, prepare, run_flow
+from flows.runners import task_runner_for
 from stages.errors import UserError
 from stages.recovery.recoveries import RECOVERIES, recovery_of
 from stages.reporting import reports
@@ -74,32 +74,15 @@ def _sparsity_fields(value: str) -> dict:
                         "2:4, comma separated") from None
 
 
-def task_runner_for(sweep: SweepConfig):
-    """Prefect's own task runners; Dask and Ray come from prefect-dask and prefect-ray."""
-    if sweep.task_runner == "threads":
-        return ThreadPoolTaskRunner(max_workers=sweep.parallel)
-    if sweep.task_runner == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError:
-            raise UserError("--task-runner dask needs prefect-dask: "
-                            "pip install -e '.[cluster]'") from None
-        return DaskTaskRunner(address=sweep.address) if sweep.address else DaskTaskRunner()
-    if sweep.task_runner == "ray":
-        try:
-            from prefect_ray import RayTaskRunner
-        except ImportError:
-            raise UserError("--task-runner ray needs prefect-ray: "
-                            "pip install -e '.[cluster]'") from None
-        return RayTaskRunner(address=sweep.address) if sweep.address else RayTaskRunner()
-    raise UserError(f"--task-runner {sweep.task_runner!r}: choose threads, dask or ray")
+def task_runner_of(sweep: SweepConfig):
+    return task_runner_for(sweep.task_runner, sweep.address, sweep.parallel)
 
 
 def check(sweep: SweepConfig) -> list[RunConfig]:
     """Expand the grid and check every configuration before anything runs."""
     if sweep.parallel <= 0:
         raise UserError(f"--parallel {sweep.parallel}: must be at least 1")
-    task_runner_for(sweep)
+    task_runner_of(sweep)
     configs = expand(sweep)
     if not configs:
         raise UserError("the sweep is empty: give at least one method, sparsity and finetune")
@@ -157,7 +140,7 @@ def publish(result: dict, rows_csv: Path) -> None:
 def sweep_flow(sweep: SweepConfig) -> dict:
     started = time.monotonic()
     configs = check(sweep)
-    paths = sweep_configurations.with_options(task_runner=task_runner_for(sweep))(configs)
+    paths = sweep_configurations.with_options(task_runner=task_runner_of(sweep))(configs)
     store = Store(sweep.base.dense.store)
     result = write_sweep_report(store, sweep.key(), paths,
                                 {"sweep": asdict(sweep),

@@ -53,7 +53,11 @@ def run_fails(capsys, model, data_dir, store: Path, *flags: str) -> str:
     (["--finetune", "lora", "--lora-alpha", "0"], "--lora-alpha 0.0: must be positive"),
     (["--nsamples", "1000000000"], "needs about"),
     (["--tasks", "storycloze"], "--tasks storycloze: no data for any of them"),
-    (["--store", "s3://bucket/x"], "--store s3://bucket/x: URL stores are not supported"),
+    (["--store", "nosuch://bucket/x"], "--store nosuch://bucket/x: Protocol not known"),
+    (["--block-inputs", "parallel"], "--block-inputs 'parallel': choose sequential or dense"),
+    (["--workers", "0"], "--workers 0: must be at least 1"),
+    (["--address", "tcp://127.0.0.1:1"], "--address would be ignored"),
+    (["--keep-boundaries", "--no-boundary-writes"], "--keep-boundaries keeps what"),
 ])
 def test_bad_flags(tmp_path, tiny_model, data_dir, capsys, flags, message):
     err = run_fails(capsys, tiny_model, data_dir, tmp_path / "store", *flags)

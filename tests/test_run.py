@@ -295,7 +295,8 @@ def test_mask_stage_on_a_tiny_llama(prefect_server, tmp_path_factory, model, dat
     zeros = {n: (w == 0) for n, w in linear_weights(report["model_folder"]).items()}
     assert sum(int(z.sum()) for z in zeros.values()) == stored["pruned"]
     assert report["perplexity"]["pruned"]["perplexity"] > 0
-    assert (Path(masks.path) / "weights.safetensors").exists() == method.startswith("sparsegpt")
+    assert bool(list(Path(masks.path).glob("weights-*.safetensors"))) == \
+        method.startswith("sparsegpt")
 
 
 def test_prefect_yaml_deployment_parameters_are_valid_configs(monkeypatch):

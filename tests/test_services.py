@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from conftest import build_tiny_model
 from services import BIN, ROOT, api, dask_cluster, prefect_env, prefect_server, service, wait_for
@@ -143,3 +145,31 @@ def test_a_sweep_on_ray_equals_the_thread_runner(tmp_path, data_dir, threads_swe
     model, reference = threads_sweep
     mine = sweep(tmp_path / "store", model, data_dir, "--task-runner", "ray")
     assert_same_tables_and_shared_stages_computed_once(mine, reference)
+
+
+def test_independent_ebft_blocks_on_a_dask_cluster_equal_one_at_a_time(tmp_path, data_dir):
+    """--block-inputs dense: every block trains on the dense capture's inputs, so the blocks
+    go to the cluster's two worker processes at once; the assembled weights equal the same
+    mode run one block at a time (with one torch thread, as Dask workers have)."""
+    from test_reliability import finished, run_flags, weights
+
+    model = build_tiny_model(tmp_path / "model")
+
+    def ebft_run(store: Path, *runner: str) -> str:
+        flags = [*run_flags(model, store, data_dir, epochs=2), "--block-inputs", "dense",
+                 *runner]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        return finished(subprocess.Popen([sys.executable, "-m", "flows.cli", *flags], cwd=ROOT,
+                                         env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))
+
+    ebft_run(tmp_path / "one-at-a-time")
+    with dask_cluster(tmp_path) as address:
+        ebft_run(tmp_path / "dask", "--task-runner", "dask", "--address", address)
+    mine, reference = weights(tmp_path / "dask"), weights(tmp_path / "one-at-a-time")
+    assert mine.keys() == reference.keys()
+    for name in mine:
+        assert torch.equal(mine[name], reference[name]), name
+    computed_by = {e["pid"] for e in Store(tmp_path / "dask").published()
+                   if e["kind"] == "ebft-block"}
+    assert len(computed_by) == 2, computed_by  # both worker processes trained blocks

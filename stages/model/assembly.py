@@ -42,7 +42,7 @@ from store import Artifact, write_json
 class AssemblySpec(Spec):
     model_digest: str
     masks_key: str
-    last_block_key: str | None  # the final EBFT block's key; None: the pruned model as is
+    blocks_key: str | None  # the fine-tuned blocks (ebft.blocks_key); None: the pruned model
     dtype: str  # the dtype the weights are saved in
     lora_key: str | None  # LoRA's merged projections, instead of EBFT's blocks
     form: str  # masked, or compact: structured masks as a narrower model

@@ -54,6 +54,10 @@ class TrainConfig:
     autocast: str = "auto"  # "auto" (bf16 where it is faster than fp32), "bfloat16", "none"
     seed: int = 0
     train_norms: bool = False  # also train the norm scales (and any biases), as the authors' code
+    # a block's inputs: "sequential" (the fine-tuned blocks before it: the paper) or "dense"
+    # (the dense model's, from the capture: the blocks no longer depend on each other, so
+    # they can train in parallel)
+    block_inputs: str = "sequential"
 
     def validate(self, nsamples: int) -> None:
         checks = [
@@ -73,6 +77,8 @@ class TrainConfig:
              f"--autocast {self.autocast!r}: choose auto, bfloat16 or none"),
             (nsamples - self.holdout_count(nsamples) >= 1,
              f"--holdout {self.holdout} leaves no training samples out of {nsamples}"),
+            (self.block_inputs in ("sequential", "dense"),
+             f"--block-inputs {self.block_inputs!r}: choose sequential or dense"),
             (not (self.train_norms and self.tune == "mask"),
              "--train-norms trains parameters, --tune mask freezes them: use one of the two"),
         ]

@@ -40,7 +40,7 @@ from stages.progress import logger
 from stages.recovery.block_training import TrainConfig
 from stages.recovery.handover import HANDOVER
 from stages.stage import Spec, Stage
-from store import Artifact, Store, write_json
+from store import Artifact, Store, digest_json, write_json
 
 BLOCK_FILE, RECORD_FILE = "block.safetensors", "record.json"
 
@@ -60,11 +60,22 @@ class BlockSpec(Spec):
 
 
 def chain(n_blocks: int, **common) -> list[BlockSpec]:
-    """The specs of every block, each naming the one before: computable before any training."""
+    """The specs of every block, each naming the one before (whose outputs are its inputs):
+    computable before any training. With dense block inputs no block names another."""
+    sequential = common["train"].block_inputs == "sequential"
     specs: list[BlockSpec] = []
     for index in range(n_blocks):
-        specs.append(BlockSpec(index, specs[-1].key() if specs else "", **common))
+        specs.append(BlockSpec(index, specs[-1].key() if specs and sequential else "",
+                               **common))
     return specs
+
+
+def blocks_key(specs: list[BlockSpec]) -> str:
+    """What identifies the fine-tuned blocks together: the last key of a sequential chain
+    (it covers every block before it), else a digest of every block's key."""
+    if specs[-1].train.block_inputs == "sequential":
+        return specs[-1].key()
+    return digest_json([spec.key() for spec in specs])[:32]
 
 
 class Context:
@@ -232,12 +243,14 @@ def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
                 keep_boundaries: bool, write_boundaries: bool = True) -> None:
     spec, cfg, log = specs[index], specs[index].train, logger().info
     key, last = spec.key(), index == len(specs) - 1
-    source = input_source(ctx, specs, index)
+    independent = cfg.block_inputs == "dense"  # the dense model's inputs, from the capture
+    source = (ctx.dense, index) if independent else input_source(ctx, specs, index)
     if cfg.target == "dense-block":  # dense block l on the sparse-path inputs, once
         target = ctx.forward(ctx.dense_block(index), source, spec.io_batch_size)
     else:
         target = dense_target(ctx, index)
-        prefetch_dense_target(ctx, index + 1)  # read while this block trains
+        if not independent:  # (independent blocks may run at once, in any order)
+            prefetch_dense_target(ctx, index + 1)  # read while this block trains
     block = ctx.sparse_block(index)
     n_holdout = cfg.holdout_count(ctx.n)
     train_rows, holdout_rows = list(range(ctx.n - n_holdout)), list(range(ctx.n - n_holdout, ctx.n))
@@ -268,7 +281,7 @@ def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
                           for name, k in keep.items()}
     write_json(out, RECORD_FILE, {**record, "spec": asdict(spec), "key": key})
 
-    if last and not keep_boundaries:  # nothing reads the last block's outputs
+    if independent or (last and not keep_boundaries):  # nothing reads these outputs
         return
     outputs = ctx.forward(block, source, spec.io_batch_size)
     block.to("cpu")
