@@ -484,8 +484,8 @@ def _verify(args: argparse.Namespace) -> int:
     """Every artifact's files hashed again (runs only compare stamps); exit 1 if any differ."""
     from store import Store
 
-    store = Store(args.store)
-    if not store.root.is_dir():
+    store = Store(args.store)  # (a bucket: every artifact is downloaded and hashed)
+    if not store.remote and not store.root.is_dir():
         raise UserError(f"--store {store.root}: no such store")
     bad, count = [], 0
     for artifact in store.artifacts():
@@ -506,16 +506,23 @@ def _report(args: argparse.Namespace) -> int:
     from store import Store
 
     store = Store(args.store)
+
+    def report_path(key: str) -> Path:
+        return Path(store.get("reports", key).path) / "report.json"
+
     if args.sweep:
-        index = store.path("sweeps", args.sweep) / "sweep.json"
-        if not index.is_file():
-            raise UserError(f"--sweep {args.sweep}: no sweep with that key in {store.root}; "
-                            f"see {store.root / 'sweeps'}")
-        paths = [Path(p) for p in json.loads(index.read_text())["reports"]]
+        found = store.get("sweeps", args.sweep)
+        if found is None:
+            raise UserError(f"--sweep {args.sweep}: no sweep with that key in "
+                            f"{store.location}; see its sweeps/ folder")
+        index = json.loads((Path(found.path) / "sweep.json").read_text())
+        paths = [report_path(k) for k in index["report_keys"]] if "report_keys" in index \
+            else [Path(p) for p in index["reports"]]
     else:
-        paths = sorted(store.root.glob("reports/*/report.json"))
+        paths = [report_path(key) for key in store.keys("reports")]
     if not paths:
-        raise UserError(f"no run reports in {store.root}; run `ebft run` or `ebft sweep` first")
+        raise UserError(f"no run reports in {store.location}; run `ebft run` or `ebft sweep` "
+                        "first")
     from flows.sweep import block_losses
 
     rows = reports.load_reports(paths)

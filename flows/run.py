@@ -225,13 +225,12 @@ class Run:
                   "write_boundaries": self.cfg.write_boundaries}
         started = time.monotonic()
         if self.cfg.train.block_inputs == "dense":
-            futures = [submit_stage(ebft.STAGE, spec, self.store, **inputs) for spec in specs]
-            states = [future.wait() or future.state for future in futures]
+            states = self.submitted_together(specs, inputs)
         else:
             try:
                 states = [run_stage(ebft.STAGE, spec, self.store, **inputs) for spec in specs]
             finally:  # wait for the background boundary writes; free the hand-over
-                HANDOVER.clear()
+                HANDOVER.clear(ebft.blocks_key(specs))
         self.log.record("ebft", states, time.monotonic() - started)
         blocks = [here(self.store, state.result()) for state in states]
         self.ebft_time = training_share([ebft.read_record(b) for b in blocks], states,
@@ -240,6 +239,26 @@ class Run:
         if not self.cfg.keep_boundaries:
             self.store.delete("ebft-boundary", specs[-1].key())
         return blocks
+
+    def submitted_together(self, specs: list, inputs: dict) -> list:
+        """Independent blocks on the flow's task runner: all at once on Dask or Ray (the
+        cluster schedules them), at most ``runner.workers`` at once on threads."""
+        from prefect.context import FlowRunContext
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        runner = FlowRunContext.get().task_runner
+        width = self.cfg.runner.workers if isinstance(runner, ThreadPoolTaskRunner) \
+            else len(specs)
+        futures, states = [], []
+        for spec in specs:
+            if len(futures) - len(states) >= width:  # wait for the oldest in flight
+                futures[len(states)].wait()
+                states.append(futures[len(states)].state)
+            futures.append(submit_stage(ebft.STAGE, spec, self.store, **inputs))
+        for future in futures[len(states):]:
+            future.wait()
+            states.append(future.state)
+        return states
 
     def lora(self, masks: Artifact, calib: Artifact) -> Artifact:
         spec = lora.LoraSpec(self.model.digest, masks.key, calib.key, self.cfg.lora, self.dtype)

@@ -27,4 +27,4 @@ def task_runner_for(name: str, address: str | None = None, workers: int = 1):
             raise UserError("--task-runner ray needs prefect-ray: "
                             "pip install -e '.[cluster]'") from None
         return RayTaskRunner(address=address) if address else RayTaskRunner()
-    raise UserError(f"--task-runner {name!r}: choose {', '.join(RUNNERS)}")
+    raise UserError(f"--task-runner {name!r}: choose threads, dask or ray")

@@ -93,8 +93,10 @@ def check(sweep: SweepConfig) -> list[RunConfig]:
 
 @task(name="configuration", task_run_name="{label}", cache_policy=NO_CACHE)
 def configuration_task(cfg: RunConfig, label: str) -> str:
-    """Run one configuration of the grid; returns the path of its run report."""
-    return run_flow(cfg)["report_path"]
+    """Run one configuration of the grid; returns its run report's key (the worker's path
+    to it may not exist where the sweep's flow runs)."""
+    run_flow(cfg)
+    return cfg.key()
 
 
 def label_of(cfg: RunConfig) -> str:
@@ -140,10 +142,11 @@ def publish(result: dict, rows_csv: Path) -> None:
 def sweep_flow(sweep: SweepConfig) -> dict:
     started = time.monotonic()
     configs = check(sweep)
-    paths = sweep_configurations.with_options(task_runner=task_runner_of(sweep))(configs)
+    keys = sweep_configurations.with_options(task_runner=task_runner_of(sweep))(configs)
     store = Store(sweep.base.dense.store)
+    paths = [str(Path(store.get("reports", key).path) / "report.json") for key in keys]
     result = write_sweep_report(store, sweep.key(), paths,
-                                {"sweep": asdict(sweep),
+                                {"sweep": asdict(sweep), "report_keys": keys,
                                  "wall_seconds": round(time.monotonic() - started, 1)})
     publish(result, Path(result["path"]) / "runs.csv")
     return result | {"wall_seconds": round(time.monotonic() - started, 1),

@@ -98,9 +98,34 @@ class Store:
         from a remote store, downloads it the first time)."""
         folder = self.path(kind, key)
         digest_file = folder / DIGEST_FILE
+        if digest_file.is_file() and self.remote:
+            self._reconcile(kind, key, digest_file.read_text().strip())
         if not digest_file.is_file() and not (self.remote and self._fetch(kind, key)):
             return None
         return Artifact(kind, key, str(folder), digest_file.read_text().strip())
+
+    def _reconcile(self, kind: str, key: str, digest: str) -> None:
+        """A local copy stands for the remote artifact only while the remote has it: if it
+        was unpublished there, publish this copy again; if another copy replaced it, take
+        that one (one small read per look-up)."""
+        published = self.remote.digest(kind, key)
+        if published == digest:
+            return
+        if published is None and self.verify(self.get_local(kind, key)):
+            self.remote.upload(self.path(kind, key), kind, key)
+            return
+        self._delete_local(kind, key)
+
+    def get_local(self, kind: str, key: str) -> Artifact:
+        folder = self.path(kind, key)
+        return Artifact(kind, key, str(folder), (folder / DIGEST_FILE).read_text().strip())
+
+    def keys(self, kind: str) -> list[str]:
+        """The keys of every complete artifact of one kind (of a remote store: published)."""
+        if self.remote:
+            return [key for k, key in self.remote.artifacts() if k == kind]
+        return sorted(p.parent.name for p in self.root.glob(f"{kind}/*/{DIGEST_FILE}")
+                      if not p.parent.name.startswith(TMP_PREFIX))
 
     def _fetch(self, kind: str, key: str) -> bool:
         """Download a published remote artifact into the local copy; False if there is none.
@@ -212,8 +237,9 @@ class Store:
                 self._delete_local(kind, key)
                 if kept:
                     os.replace(tmp, final)
-                else:  # another machine published it first: use theirs everywhere
-                    self._fetch(kind, key)
+                elif not self._fetch(kind, key):  # published first elsewhere: use theirs
+                    raise OSError(f"{kind}/{key} was published by another run meanwhile but "
+                                  f"cannot be read back from {self.location}; rerun")
                 self._log_published(kind, key, kept=kept)
             elif replace:  # a document of the latest run (report, tables): the new one wins
                 self.delete(kind, key)

@@ -254,14 +254,19 @@ class ObjectLock:
 
     def acquire(self) -> None:
         last_said = 0.0
-        while not self.try_acquire():
-            found = self.remote.read(self.path)
+        while not self._attempt():
+            try:
+                found = self.remote.read(self.path)
+            except OSError as err:  # a passing failure of the endpoint: try again
+                logger.warning("reading the lock on %s failed (%s); retrying", self.what, err)
+                time.sleep(self.poll_s)
+                continue
             if found is None:
                 continue
             note, version, age = found
             why = self.stale(note, age)
             if why:
-                if self.remote.remove(self.path, version):
+                if self._removed(version):
                     logger.warning("broke the lock on %s held by %s pid %s: %s", self.what,
                                    note.get("host", "?"), note.get("pid", "?"), why)
                 continue
@@ -271,6 +276,21 @@ class ObjectLock:
                             note.get("pid", "?"), age, float(note.get("lease_s") or 0))
                 last_said = time.monotonic()
             time.sleep(self.poll_s)
+
+    def _attempt(self) -> bool:
+        try:
+            return self.try_acquire()
+        except OSError as err:
+            logger.warning("taking the lock on %s failed (%s); retrying", self.what, err)
+            time.sleep(self.poll_s)
+            return False
+
+    def _removed(self, version: str) -> bool:
+        try:
+            return self.remote.remove(self.path, version)
+        except OSError as err:
+            logger.warning("breaking the lock on %s failed (%s); retrying", self.what, err)
+            return False
 
     def _renew(self) -> None:
         while not self._stop.wait(self.lease_s / 4):

@@ -51,6 +51,8 @@ class Remote:
             raise StoreLocationError(f"--store {url}: {describe(err)}") from err
         self.base = self.base.rstrip("/")
         self.s3 = protocol in ("s3", "s3a")
+        if self.s3:
+            check_conditional_writes()
 
     def path(self, *parts: str) -> str:
         return "/".join([self.base, *parts])
@@ -146,6 +148,10 @@ class Remote:
             self.fs.pipe_file(path, json.dumps(note).encode(), mode="create")
         except FileExistsError:
             return None
+        except OSError as err:
+            if conflicting(err):  # another conditional write at the same moment (S3's 409)
+                return None
+            raise
         found = self.read(path)
         return found[1] if found and found[0].get("token") == note.get("token") else None
 
@@ -159,8 +165,12 @@ class Remote:
             try:
                 return self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body,
                                        IfMatch=version)["ETag"]
-            except (FileNotFoundError, OSError):
+            except FileNotFoundError:
                 return None
+            except OSError as err:
+                if precondition_failed(err) or conflicting(err):
+                    return None
+                raise  # a passing failure (503, timeout): the caller retries
         found = self.read(path)
         if found is None or found[1] != version:
             return None
@@ -174,8 +184,12 @@ class Remote:
             bucket, key, _ = self.fs.split_path(path)
             try:
                 self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
-            except (FileNotFoundError, OSError):
+            except FileNotFoundError:
                 return False
+            except OSError as err:
+                if precondition_failed(err) or conflicting(err):
+                    return False
+                raise
             self.fs.invalidate_cache(path)
             return True
         found = self.read(path)
@@ -198,6 +212,34 @@ class Remote:
             raise StoreLocationError(f"--store {self.url}: {err}") from err
         except Exception as err:
             raise StoreLocationError(f"--store {self.url}: {describe(err)}") from err
+
+
+def precondition_failed(err: OSError) -> bool:
+    """S3's 412: the object is not at the version the condition named."""
+    text = f"{err} {err.__cause__!r}"
+    return "pre-condition" in text or "PreconditionFailed" in text
+
+
+def conflicting(err: OSError) -> bool:
+    """S3's 409 ConditionalRequestConflict: two conditional writes at once; try again."""
+    return "ConditionalRequestConflict" in f"{err} {err.__cause__!r}"
+
+
+def check_conditional_writes() -> None:
+    """s3fs passes only the parameters the installed botocore knows, so with an old botocore
+    If-Match and If-None-Match would be dropped silently and every write would win."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("s3")
+    needed = [("PutObject", "IfNoneMatch"), ("PutObject", "IfMatch"), ("DeleteObject", "IfMatch")]
+    missing = [f"{op}.{name}" for op, name in needed
+               if name not in model.operation_model(op).input_shape.members]
+    if missing:
+        import botocore
+
+        raise StoreLocationError(f"botocore {botocore.__version__} has no conditional writes "
+                                 f"({', '.join(missing)}), which the store's publication and "
+                                 "locks need: upgrade boto3/botocore (and s3fs)")
 
 
 def storage_options(protocol: str) -> dict:

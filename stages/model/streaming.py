@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -85,6 +86,7 @@ class BlockLoader:
         self.prefix = next(f"{name}." for name, module in self.skeleton.named_modules()
                            if module is arch.decoder_blocks(self.skeleton)) + "0."
         self.n_blocks = int(self.config.num_hidden_layers)
+        self._hooks = threading.Lock()  # loaders are shared by a process's block tasks
 
     def block(self, index: int) -> nn.Module:
         """Block ``index`` with its stored weights, in the loader's dtype, on the CPU."""
@@ -115,7 +117,8 @@ class BlockLoader:
 
     def block_kwargs(self, batch: int, seqlen: int, device: torch.device,
                      dtype: torch.dtype) -> dict:
-        return arch.block_kwargs(self.skeleton, batch, seqlen, device, dtype)
+        with self._hooks:  # a hook on the shared skeleton: one caller at a time
+            return arch.block_kwargs(self.skeleton, batch, seqlen, device, dtype)
 
     @functools.cached_property
     def shell(self) -> nn.Module:
@@ -155,7 +158,7 @@ class BlockLoader:
 
     def first_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Block 0's input (the embedded tokens) and the blocks' keyword arguments."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._hooks:
             return arch.block_inputs(self.shell, input_ids)
 
     def head(self) -> nn.Module:

@@ -151,9 +151,10 @@ def input_source(ctx: Context, specs: list[BlockSpec], index: int) -> acts.Sourc
     stored boundary, or rebuilt from the newest stored one if it was deleted."""
     if index == 0:
         return ctx.dense, 0
-    kept = HANDOVER.take(specs[index - 1].key())
+    kept = HANDOVER.take(blocks_key(specs), specs[index - 1].key())
     if kept is not None:
         return kept
+    HANDOVER.flush()  # this process's pending boundary writes and deletes land first
     found = ctx.store.get("ebft-boundary", specs[index - 1].key())
     if found:
         return acts.open_group(Path(found.path) / ZARR_NAME), 0
@@ -172,16 +173,16 @@ def input_source(ctx: Context, specs: list[BlockSpec], index: int) -> acts.Sourc
     return source
 
 
-def dense_target(ctx: Context, index: int) -> acts.Source:
+def dense_target(ctx: Context, chain: str, index: int) -> acts.Source:
     """Block ``index``'s target under Eq. 4: the dense model's output of that block (read in
     the background while the block before trained, when it fits)."""
-    prefetched = HANDOVER.prefetched(f"{ctx.activations_key}/{index + 1}")
+    prefetched = HANDOVER.prefetched(f"{chain}/{ctx.activations_key}/{index + 1}")
     return prefetched if prefetched is not None else (ctx.dense, index + 1)
 
 
-def prefetch_dense_target(ctx: Context, index: int) -> None:
+def prefetch_dense_target(ctx: Context, chain: str, index: int) -> None:
     if index < ctx.loader.n_blocks and fits(ctx, 4):
-        HANDOVER.prefetch(f"{ctx.activations_key}/{index + 1}",
+        HANDOVER.prefetch(f"{chain}/{ctx.activations_key}/{index + 1}",
                           lambda: acts.read(ctx.dense, index + 1, 0, ctx.n))
 
 
@@ -242,15 +243,15 @@ def loader_for(path: str, digest: str, dtype: torch.dtype) -> BlockLoader:
 def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
                 keep_boundaries: bool, write_boundaries: bool = True) -> None:
     spec, cfg, log = specs[index], specs[index].train, logger().info
-    key, last = spec.key(), index == len(specs) - 1
+    key, last, chain = spec.key(), index == len(specs) - 1, blocks_key(specs)
     independent = cfg.block_inputs == "dense"  # the dense model's inputs, from the capture
     source = (ctx.dense, index) if independent else input_source(ctx, specs, index)
     if cfg.target == "dense-block":  # dense block l on the sparse-path inputs, once
         target = ctx.forward(ctx.dense_block(index), source, spec.io_batch_size)
     else:
-        target = dense_target(ctx, index)
+        target = dense_target(ctx, chain, index)
         if not independent:  # (independent blocks may run at once, in any order)
-            prefetch_dense_target(ctx, index + 1)  # read while this block trains
+            prefetch_dense_target(ctx, chain, index + 1)  # read while this block trains
     block = ctx.sparse_block(index)
     n_holdout = cfg.holdout_count(ctx.n)
     train_rows, holdout_rows = list(range(ctx.n - n_holdout)), list(range(ctx.n - n_holdout, ctx.n))
@@ -281,12 +282,16 @@ def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
                           for name, k in keep.items()}
     write_json(out, RECORD_FILE, {**record, "spec": asdict(spec), "key": key})
 
+    previous = specs[index - 1].key() \
+        if index > 0 and not (keep_boundaries or independent) else None
     if independent or (last and not keep_boundaries):  # nothing reads these outputs
+        if previous:  # (after this process's pending write of it)
+            HANDOVER.write_later(lambda: ctx.store.delete("ebft-boundary", previous),
+                                 f"deleting block {index - 1}'s boundary")
         return
     outputs = ctx.forward(block, source, spec.io_batch_size)
     block.to("cpu")
-    HANDOVER.keep(key, outputs)
-    previous = specs[index - 1].key() if index > 0 and not keep_boundaries else None
+    HANDOVER.keep(chain, key, outputs)
 
     def save() -> None:  # then the previous boundary is no longer the newest resume point
         ctx.save_boundary(key, outputs)
