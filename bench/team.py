@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     parts = {"quality": quality, "makespan": makespan, "remote": remote}
-    results = {}
+    out = Path(args.out)  # parts measured before (another --parts) are kept
+    results = json.loads(out.read_text()) if out.is_file() else {}
     for name in args.parts.split(","):
         results[name] = parts[name](work)
         print(json.dumps({name: results[name]}, indent=1), flush=True)

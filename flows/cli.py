@@ -64,6 +64,8 @@ def add_dense_flags(parser: argparse.ArgumentParser) -> None:
     option(dense, "--eval-seqlen", "dense.eval_seqlen", "perplexity window")
     option(dense, "--eval-windows", "dense.eval_windows",
            "evaluate the first N Wikitext-2 test windows, or all")
+    option(dense, "--eval-data", "dense.eval_data",
+           "perplexity on wikitext2 (test split), wikitext2-validation or c4-heldout")
     option(dense, "--device", "dense.device", "auto, cpu, cuda or cuda:N")
     option(dense, "--dtype", "dense.dtype",
            "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
@@ -104,6 +106,13 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
     option(prune, "--pattern", "prune.pattern", "N:M semi-structured, e.g. 2:4 or 4:8")
     option(prune, "--mask-inputs", "prune.mask_inputs",
            "sequential (pruned path) or dense (shared dense capture)")
+    option(prune, "--layer-sparsity", "prune.layer_sparsity",
+           "uniform (every block at --sparsity) or owl (OWL: blocks with more outlier "
+           "weights pruned less, the mean kept)")
+    option(prune, "--owl-threshold", "prune.owl_threshold",
+           "OWL's M: a score above M times its block's mean is an outlier")
+    option(prune, "--owl-limit", "prune.owl_limit",
+           "OWL's lambda: block sparsities within --sparsity plus or minus this")
     add_method_flags(prune)
     tune = run.add_argument_group("fine-tuning (EBFT, one cached task per block)")
     option(tune, "--finetune", "finetune",
@@ -117,6 +126,10 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
     tune.add_argument("--betas", nargs=2, default=FROM_CONFIG, metavar=("BETA1", "BETA2"),
                       help="AdamW betas (default: 0.9 0.95)")
     option(tune, "--weight-decay", "train.weight_decay", "AdamW weight decay")
+    option(tune, "--loss", "train.loss",
+           "mse (Eq. 4) or nmse (each token's squared error over its target's squared norm)")
+    option(tune, "--schedule", "train.schedule", "learning-rate decay: linear, cosine, constant")
+    option(tune, "--warmup", "train.warmup", "fraction of the steps spent warming the rate up")
     option(tune, "--max-grad-norm", "train.max_grad_norm",
            "clip each step's gradient norm to this (0: off)")
     option(tune, "--train-batch-size", "train.batch_size", "samples per step")
@@ -129,6 +142,13 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
     option(tune, "--train-seed", "train.seed", "shuffling seed")
     option(tune, "--train-norms", "train.train_norms",
            "also train each block's norm scales (as the authors' code does)",
+           action="store_const", const="on")
+    option(tune, "--window", "train.window",
+           "block (Eq. 4) or sublayers (attention against the dense attention output, then "
+           "the MLP against the dense block output)")
+    option(tune, "--remask", "train.remask",
+           "choose each block's mask again on the fine-tuned blocks' outputs just before "
+           "training it: pruning and reconstruction alternate block by block",
            action="store_const", const="on")
     option(tune, "--block-inputs", "train.block_inputs",
            "sequential (each block on the outputs of the fine-tuned blocks before it, as "
@@ -414,6 +434,9 @@ def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
         if name not in running:
             refuse((f"prune.{name}",), f"they set {cls.__name__}, and --method "
                                        f"{cfg.prune.method} does not run it")
+    if cfg.prune.layer_sparsity != "owl":
+        refuse(("prune.owl_threshold", "prune.owl_limit"),
+               "they set OWL, and --layer-sparsity is not owl")
     if is_structured(cfg.prune.method):
         refuse(("prune.mask_inputs",), f"--method {cfg.prune.method} scores every block on "
                                        "the dense capture")
@@ -435,8 +458,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"ebft run: preset {args.preset}: {cfg.dense.nsamples} calibration windows of "
           f"{cfg.dense.seqlen} tokens, up to {cfg.train.max_epochs} epochs per block at lr "
           f"{cfg.train.lr:g}, "
-          f"perplexity on {cfg.dense.eval_windows or 'all'} windows of {cfg.dense.eval_seqlen}",
-          flush=True)
+          f"perplexity on {cfg.dense.eval_windows or 'all'} windows of {cfg.dense.eval_seqlen}"
+          f" ({cfg.dense.eval_data})", flush=True)
     runner = task_runner_for(cfg.runner.task_runner, cfg.runner.address, cfg.runner.workers)
     with prefect_api():
         report = _finish(run_flow.with_options(task_runner=runner)(cfg, return_state=True),
@@ -561,10 +584,12 @@ def print_summary(report: dict) -> None:
     print(f"sparsity     {masks['overall_sparsity']:.4f} overall, pattern "
           f"{'ok' if masks['pattern_ok'] else 'VIOLATED'} in every layer")
     windows = f"{dense['windows']} of {dense['windows_total']} windows of {dense['seqlen']}"
-    print(f"wikitext-2   {'dense':<26} {dense['perplexity']:.3f}   ({windows})")
-    print(f"wikitext-2   {label:<26} {report['perplexity']['pruned']['perplexity']:.3f}")
+    data = {"wikitext2": "wikitext-2", "wikitext2-validation": "wiki-valid",
+            "c4-heldout": "c4-heldout"}[dense.get("eval_data", "wikitext2")]
+    print(f"{data:<12} {'dense':<26} {dense['perplexity']:.3f}   ({windows})")
+    print(f"{data:<12} {label:<26} {report['perplexity']['pruned']['perplexity']:.3f}")
     if sparse is not None:
-        print(f"wikitext-2   {label + tuned:<26} {sparse['perplexity']:.3f}")
+        print(f"{data:<12} {label + tuned:<26} {sparse['perplexity']:.3f}")
     if report.get("zeroshot"):
         print_zeroshot(report["zeroshot"], {"dense": "dense", "pruned": label,
                                             "finetuned": label + tuned})

@@ -38,17 +38,22 @@ class DenseConfig:
     seed: int = 0  # calibration sampling seed
     eval_seqlen: int = 2048  # perplexity window
     eval_windows: int | None = 4  # the first N Wikitext-2 test windows; None: all
+    # what perplexity is measured on: wikitext2 (the test split: reported numbers),
+    # wikitext2-validation or c4-heldout (where recovery options are decided)
+    eval_data: str = "wikitext2"
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16
     batch_size: int = 8  # batch of inference passes (capture, masks, boundaries)
 
 
 def _prune_config() -> type:
-    """The mask stage's settings: four common fields, then one field per registered method
+    """The mask stage's settings: the common fields, then one field per registered method
     holding that method's parameters (``prune.sparsegpt.percdamp``). Made from the registry,
     so a new method brings its own settings without an edit here."""
     common = [("method", str, "wanda"), ("sparsity", float, 0.5),
-              ("pattern", str | None, None), ("mask_inputs", str, "sequential")]
+              ("pattern", str | None, None), ("mask_inputs", str, "sequential"),
+              ("layer_sparsity", str, "uniform"), ("owl_threshold", float, 5.0),
+              ("owl_limit", float, 0.08)]
     methods = [(name, cls, field(default_factory=cls)) for name, cls in sorted(METHODS.items())]
     cls = dataclasses.make_dataclass("PruneConfig", common + methods, frozen=True)
     cls.__module__ = __name__  # pickled by reference (Dask, Ray)

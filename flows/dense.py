@@ -41,7 +41,7 @@ def prepare_dense(cfg: DenseConfig, whole_model: bool = False) -> Inputs:
     check_dense_flags(cfg)
     store = Store(cfg.store)
     directory = data.data_dir(cfg.data_dir)
-    c4, wiki = data.c4_documents(directory), data.wikitext2_test(directory)
+    c4, wiki = data.c4_documents(directory), data.eval_corpus(cfg.eval_data, directory)
     device = resolve_device(cfg.device)
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
     context = declared_context(cfg.model)  # before the default model is converted
@@ -129,7 +129,7 @@ def dense_stages(cfg: DenseConfig, inputs: Inputs, log: StageLog) -> dict:
     timed = log.run
 
     c4_digest = data.c4_documents(directory).digest
-    wiki_digest = data.wikitext2_test(directory).digest
+    wiki_digest = data.eval_corpus(cfg.eval_data, directory).digest
     calib_spec = calibration.CalibrationSpec(c4_digest, tokenizer_digest(model), cfg.nsamples,
                                              cfg.seqlen, cfg.seed)
     calib = timed("calibration", lambda: run_stage(
@@ -141,7 +141,8 @@ def dense_stages(cfg: DenseConfig, inputs: Inputs, log: StageLog) -> dict:
     ppl_spec = ppl.PerplexitySpec(model.digest, wiki_digest, cfg.eval_seqlen, cfg.eval_windows,
                                   dtype)
     dense_ppl = timed("perplexity", lambda: run_stage(
-        ppl.STAGE, ppl_spec, store, model=model, data_dir=cfg.data_dir, device=str(device)))
+        ppl.STAGE, ppl_spec, store, model=model, data_dir=cfg.data_dir, device=str(device),
+        eval_data=cfg.eval_data))
     return {"calibration": calib, "activations": activations, "perplexity": dense_ppl}
 
 

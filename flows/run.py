@@ -64,6 +64,10 @@ def prepare(cfg: RunConfig) -> Inputs:
     if mask_spec.structured and cfg.finetune == "ebft" and cfg.train.tune == "mask":
         raise UserError("--tune mask reselects single weights and would break whole-head "
                         "structure; use --tune weights with --method flap")
+    if mask_spec.structured and cfg.finetune == "ebft" and cfg.train.remask:
+        raise UserError(f"--remask chooses single weights block by block; --method "
+                        f"{cfg.prune.method} removes whole heads and channels of the whole "
+                        "model at once: drop --remask")
     if cfg.zeroshot.limit is not None and cfg.zeroshot.limit <= 0:
         raise UserError(f"--zeroshot-limit {cfg.zeroshot.limit}: must be positive")
     if cfg.zeroshot.batch_size <= 0:
@@ -112,7 +116,8 @@ def mask_spec_for(cfg: RunConfig, model_digest: str, activations_key: str,
     params = {name: asdict(getattr(prune, name)) for name in prune.method.split("+")
               if hasattr(prune, name)}
     return pruning.MaskSpec(model_digest, activations_key, prune.method, prune.sparsity,
-                            prune.pattern, prune.mask_inputs, params, dtype,
+                            prune.pattern, prune.mask_inputs, params, prune.layer_sparsity,
+                            prune.owl_threshold, prune.owl_limit, dtype,
                             cfg.dense.batch_size)
 
 
@@ -181,7 +186,7 @@ class Run:
         spec = self.perplexity_spec(model, masks)
         return self.log.run(name, lambda: run_stage(
             ppl.STAGE, spec, self.store, model=model, data_dir=self.cfg.dense.data_dir,
-            device=self.device, masks=masks))
+            device=self.device, masks=masks, eval_data=self.cfg.dense.eval_data))
 
     def perplexity_spec(self, model: ModelSource, masks: Artifact | None) -> ppl.PerplexitySpec:
         dense = self.cfg.dense
@@ -190,7 +195,8 @@ class Run:
 
     @functools.cached_property
     def wikitext_digest(self) -> str:
-        return data.wikitext2_test(data.data_dir(self.cfg.dense.data_dir)).digest
+        dense = self.cfg.dense
+        return data.eval_corpus(dense.eval_data, data.data_dir(dense.data_dir)).digest
 
     @functools.cached_property
     def zeroshot_digest(self) -> str:

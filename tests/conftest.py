@@ -32,6 +32,9 @@ def data_dir(tmp_path_factory) -> Path:
     lines = [""] + [f" = Title {i} = " if i % 5 == 0 else " " + make_text(rng, 60)
                     for i in range(60)]
     (wiki / "wiki.test.raw").write_text("\n".join(lines) + "\n")
+    rng = random.Random(1)
+    valid = [""] + [" " + make_text(rng, 60) for _ in range(40)]
+    (wiki / "wiki.valid.raw").write_text("\n".join(valid) + "\n")
     return root
 
 

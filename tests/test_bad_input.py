@@ -58,6 +58,17 @@ def run_fails(capsys, model, data_dir, store: Path, *flags: str) -> str:
     (["--workers", "0"], "--workers 0: must be at least 1"),
     (["--address", "tcp://127.0.0.1:1"], "--address would be ignored"),
     (["--keep-boundaries", "--no-boundary-writes"], "--keep-boundaries keeps what"),
+    (["--eval-data", "lambada"], "--eval-data 'lambada': choose one of wikitext2, "),
+    (["--loss", "l1"], "--loss 'l1': choose mse or nmse"),
+    (["--schedule", "step"], "--schedule 'step': choose linear, cosine, constant"),
+    (["--warmup", "1.5"], "--warmup 1.5: must be in [0, 1)"),
+    (["--window", "heads"], "--window 'heads': choose block or sublayers"),
+    (["--remask", "--block-inputs", "dense"], "--remask chooses each mask on the fine-tuned"),
+    (["--method", "flap", "--sparsity", "0.2", "--remask"], "--remask chooses single weights"),
+    (["--layer-sparsity", "owl", "--pattern", "2:4"], "--layer-sparsity owl varies"),
+    (["--owl-limit", "0.1"], "--owl-limit would be ignored: they set OWL"),
+    (["--layer-sparsity", "owl", "--owl-limit", "0.6"], "--owl-limit 0.6: must be >= 0"),
+    (["--layer-sparsity", "bimodal"], "--layer-sparsity 'bimodal': choose uniform or owl"),
 ])
 def test_bad_flags(tmp_path, tiny_model, data_dir, capsys, flags, message):
     err = run_fails(capsys, tiny_model, data_dir, tmp_path / "store", *flags)

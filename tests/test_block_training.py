@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -96,3 +98,49 @@ def test_mask_tuning_swaps_weights_within_a_few_steps():
     assert record["end_loss"] < record["start_loss"]
     for k in chosen.values():
         assert (k.reshape(len(k), -1, 4).sum(-1) == 2).all()
+
+
+def test_nmse_weighs_every_token_alike_and_mse_is_the_elementwise_mean():
+    target = torch.ones(1, 2, 4)
+    target[0, 0] *= 100  # a token with a massive activation, as the deep blocks have
+    out = target * 1.1  # 10% error on both tokens
+    assert training.block_loss(out, target, "mse") == pytest.approx(
+        ((out - target) ** 2).mean().item())
+    assert training.block_loss(out, target, "nmse").item() == pytest.approx(0.01)
+    only_small = target.clone()
+    only_small[0, 1] *= 1.1  # the same 10% error on the small token only
+    assert training.block_loss(only_small, target, "nmse").item() == pytest.approx(0.005)
+    only_big = target.clone()
+    only_big[0, 0] *= 1.1
+    # MSE weighs the same relative error 10 000 times more on the massive token
+    assert training.block_loss(only_big, target, "mse").item() == pytest.approx(
+        1e4 * training.block_loss(only_small, target, "mse").item(), rel=1e-3)
+    assert training.block_loss(only_big, target, "nmse").item() == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize("schedule", training.SCHEDULES)
+def test_learning_rate_schedules_warm_up_then_decay(schedule):
+    factors = [training.lr_factor(step, 100, schedule, 10) for step in range(100)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert max(factors) == 1.0
+    if schedule == "constant":
+        assert factors[-1] == 1.0
+    else:
+        assert factors[-1] < 0.05 and all(a >= b for a, b in itertools.pairwise(factors[9:]))
+    # without warm-up, linear is the decay the loop always had: 1 - step / total
+    assert [training.lr_factor(s, 7, "linear", 0) for s in range(7)] == [1 - s / 7
+                                                                         for s in range(7)]
+
+
+@pytest.mark.parametrize("loss", training.LOSSES)
+def test_training_lowers_each_loss_it_is_given(loss):
+    block, keep, x, y, kwargs = tiny_block()
+    cfg = TrainConfig(loss=loss, max_epochs=3, batch_size=1, tolerance=0.0, lr=1e-2,
+                      schedule="cosine", warmup=0.2)
+    record = training.train_block(block, keep, lambda rows: (x[rows], y[rows]), [0, 1], [],
+                                  lambda n: kwargs, cfg, torch.device("cpu"), torch.float32,
+                                  log=lambda _: None)
+    assert record["end_loss"] < record["start_loss"]
+    assert record["end_loss"] == pytest.approx(
+        training.block_loss(block(x, **kwargs)[0] if isinstance(block(x, **kwargs), tuple)
+                            else block(x, **kwargs), y, loss).item(), rel=1e-4)

@@ -76,3 +76,26 @@ def test_real_wikitext_file_gives_the_published_text(shared_data):
 def test_missing_data_directory_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="does not exist; pass --data-dir"):
         data.data_dir(str(tmp_path / "nope"))
+
+
+def test_held_out_c4_never_calibrates_and_the_split_is_fixed(shared_data):
+    calibrating = data.c4_documents(shared_data).texts
+    heldout = data.c4_heldout(shared_data).texts[0]
+    every = data._all_c4(shared_data).texts
+    held = [t for t in every if data.is_heldout(t)]
+    assert set(calibrating).isdisjoint(held) and len(calibrating) + len(held) == len(every)
+    assert 0.08 < len(held) / len(every) < 0.17  # about one document in HELDOUT_EVERY = 8
+    assert heldout == "\n\n".join(held)
+    # the split depends only on a document's text: a sample of the calibration documents
+    # split alone is split the same way
+    assert not any(data.is_heldout(t) for t in calibrating[:50])
+
+
+def test_every_eval_corpus_is_its_own_text(shared_data):
+    texts = {name: data.eval_corpus(name, shared_data) for name in data.EVAL_CORPORA}
+    assert len({c.digest for c in texts.values()}) == len(texts)
+    assert texts["wikitext2"].texts[0] == data.wikitext2_test(shared_data).texts[0]
+    valid = texts["wikitext2-validation"].texts[0]
+    assert valid.startswith("\n\n = Homarus gammarus = ") and len(valid) > 1_000_000
+    with pytest.raises(UserError, match="--eval-data 'ptb': choose one of"):
+        data.eval_corpus("ptb", shared_data)

@@ -20,9 +20,11 @@ def test_smollm2_dense_pipeline_runs_and_caches(prefect_server, tmp_path, shared
 
 @pytest.mark.slow
 def test_a_corrupted_conversion_of_the_default_model_is_redone_not_used(prefect_server, tmp_path,
-                                                                        shared_data):
+                                                                        shared_data, monkeypatch):
     from pathlib import Path
 
+    # this test damages the conversion: give it its own machine cache, never the user's
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "machine-cache"))
     cfg = DenseConfig(store=str(tmp_path / "store"), data_dir=str(shared_data), nsamples=2,
                       seqlen=128, eval_windows=1, batch_size=2)
     first = dense_flow(cfg)

@@ -205,3 +205,59 @@ def test_pruned_path_in_memory_or_on_disk_gives_the_same_masks(tmp_path, tiny_mo
     n_blocks = BlockLoader(tiny_model, torch.float32).n_blocks
     assert weight_files == ([f"weights-{i:05d}.safetensors" for i in range(n_blocks)]
                             if method == "sparsegpt" else [])
+
+
+def test_owl_outlier_ratio_counts_scores_far_above_the_block_mean():
+    from stages.masks import owl
+
+    calm = [torch.ones(4, 4), torch.ones(2, 8)]  # no score above 5 x the mean
+    assert owl.outlier_ratio(calm, 5.0) == 0.0
+    spiky = [torch.ones(4, 4), torch.ones(2, 8)]
+    spiky[1][0, 0] = 100.0  # mean (31 + 100) / 32 ~ 4.1: only the spike is above 5 x it
+    assert owl.outlier_ratio(spiky, 5.0) == pytest.approx(1 / 32)
+    assert owl.outlier_ratio(spiky, 30.0) == 0.0
+
+
+def test_owl_sparsities_prune_outlier_blocks_less_and_keep_the_mean():
+    from stages.masks import owl
+
+    ratios = [0.01, 0.05, 0.02, 0.03]
+    sparsities = owl.owl_sparsities(ratios, 0.7, 0.08)
+    assert sum(sparsities) / 4 == pytest.approx(0.7)
+    assert max(sparsities) - min(sparsities) == pytest.approx(0.16)  # 2 x limit
+    assert sparsities[1] == min(sparsities) and sparsities[0] == max(sparsities)
+    assert owl.owl_sparsities([0.02] * 3, 0.5, 0.08) == [0.5] * 3  # nothing stands out
+
+
+def test_owl_masks_vary_by_block_around_the_target(tmp_path, tiny_model):
+    import json
+
+    from stages.inputs import capture
+    from stages.masks import pruning
+    from stages.model.model_source import resolve_model
+    from stages.model.streaming import BlockLoader
+    from store import Artifact
+
+    ids = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(0))
+    activations = tmp_path / "acts"
+    capture.capture_dense(BlockLoader(tiny_model, torch.float32), ids,
+                          activations / capture.ZARR_NAME, torch.device("cpu"),
+                          torch.float16, batch_size=4, attrs={})
+    spec = pruning.MaskSpec("m", "a", sparsity=0.6, layer_sparsity="owl", owl_threshold=2.0,
+                            owl_limit=0.1, batch_size=4)
+    pruning.validate(spec)
+    pruning.build(spec, tmp_path, resolve_model(str(tiny_model)),
+                  Artifact("activations", "a", str(activations), "d"), "cpu")
+    report = json.loads((tmp_path / "report.json").read_text())
+    blocks = report["layer_sparsity"]["block_sparsity"]
+    assert sum(blocks) / len(blocks) == pytest.approx(0.6, abs=1e-5)
+    assert max(blocks) - min(blocks) == pytest.approx(0.2, abs=1e-5)
+    assert report["pattern_ok"]
+    for row in report["layers"]:  # every layer pruned to its own block's sparsity
+        block = int(row["layer"].split(".")[0])
+        cols = row["shape"][1]  # Wanda prunes floor(cols x sparsity) in every row
+        assert row["sparsity"] == pytest.approx(int(cols * blocks[block]) / cols, abs=1e-6)
+    uniform = pruning.MaskSpec("m", "a", sparsity=0.6)
+    assert uniform.key() != spec.key()
+    # OWL's own settings are in the key only when OWL runs
+    assert uniform.key() == pruning.MaskSpec("m", "a", sparsity=0.6, owl_limit=0.2).key()

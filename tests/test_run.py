@@ -351,3 +351,61 @@ def test_no_block_task_loads_the_whole_model(prefect_server, tmp_path, model, da
     report = run_flow(config(tmp_path / "store", model, data_dir))
     assert report["states"]["ebft"] == "3 Completed"
     assert loads == []
+
+
+def test_remask_alternates_pruning_and_reconstruction_at_owl_sparsities(
+        tmp_path, model, data_dir, prefect_server):
+    """--remask: each block's mask is chosen again on the fine-tuned blocks' outputs, at the
+    block's own (OWL) sparsity; block 0 sees the embeddings either way, so its mask is the
+    mask stage's; later blocks' masks move."""
+    prune = PruneConfig("wanda", 0.5, layer_sparsity="owl", owl_threshold=2.0, owl_limit=0.1)
+    cfg = config(tmp_path / "store", model, data_dir, prune=prune)
+    stage_only = run_flow(replace(cfg, finetune="none"))
+    remasked = run_flow(replace(cfg, train=replace(cfg.train, remask=True)))
+    assert remasked["states"]["masks"] == "Cached"  # the mask stage is shared
+    blocks = remasked["mask_report"]["layer_sparsity"]["block_sparsity"]
+    assert len(set(blocks)) > 1 and sum(blocks) / len(blocks) == pytest.approx(0.5, abs=1e-5)
+    a = linear_weights(stage_only["model_folder"])
+    b = linear_weights(remasked["model_folder"])
+    for name, weight in b.items():
+        block = int(name.split(".layers.")[1].split(".")[0])
+        cols = weight.shape[1]
+        assert (weight == 0).sum(dim=1).tolist() == [int(cols * blocks[block])] * len(weight)
+        if block == 0:
+            assert torch.equal(weight == 0, a[name] == 0), name
+    later = [n for n in b if ".layers.0." not in n]
+    assert not all(torch.equal(b[n] == 0, a[n] == 0) for n in later)
+    for record in remasked["blocks"]:
+        assert record["end_loss"] < record["start_loss"]
+
+
+def test_sublayer_windows_train_attention_then_mlp_and_keep_the_mask(
+        tmp_path, model, data_dir, prefect_server):
+    cfg = config(tmp_path / "store", model, data_dir)
+    report = run_flow(replace(cfg, train=replace(cfg.train, window="sublayers")))
+    for record in report["blocks"]:
+        attention = record["attention"]
+        assert attention["end_loss"] < attention["start_loss"], attention
+        assert record["end_loss"] < record["start_loss"], record
+        # both windows' layers are in the record, at the mask's sparsity
+        assert {n.split(".")[0] for n in record["sparsity"]} == {"self_attn", "mlp"}
+        assert set(record["sparsity"].values()) == {0.5}
+    ppl = report["perplexity"]
+    assert ppl["finetuned"]["perplexity"] < ppl["pruned"]["perplexity"]
+
+
+def test_the_attention_window_stops_at_the_norm_before_the_mlp(model):
+    """The first window's output is the residual stream after attention: the block's input
+    plus its attention's output, with the MLP never run."""
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(model)
+    block = arch.decoder_blocks(dense)[0]
+    x = torch.randn(1, 8, dense.config.hidden_size)
+    kwargs = arch.block_kwargs(dense, 1, 8, torch.device("cpu"), torch.float32)
+    ran = []
+    block.mlp.register_forward_pre_hook(lambda *_: ran.append("mlp"))
+    h = training.stopped_at(arch.attention_end(block),
+                            lambda: arch.run_block(block, x, kwargs))
+    attention = block.self_attn(hidden_states=block.input_layernorm(x), **kwargs)[0]
+    assert ran == [] and torch.allclose(h, x + attention, atol=1e-6)

@@ -1,6 +1,7 @@
-"""Wikitext-2 perplexity with the protocol of SparseGPT, Wanda and EBFT.
+"""Perplexity with the protocol of SparseGPT, Wanda and EBFT.
 
-The raw test split, rows joined with "\\n\\n", is tokenized once and cut into
+The raw Wikitext-2 test split (or, with ``eval_data``, its validation split or the held-out
+C4 documents), rows joined with "\\n\\n", is tokenized once and cut into
 non-overlapping windows of ``seqlen`` tokens (the tail shorter than a window is dropped).
 Each window's mean next-token loss is computed independently; perplexity is exp of the
 mean over windows. ``windows`` limits the count for a quick estimate.
@@ -74,18 +75,21 @@ def perplexity(loader: BlockLoader, windows: torch.Tensor, device: torch.device,
 
 
 def build(spec: PerplexitySpec, out: Path, model: ModelSource, data_dir: str | None,
-          device: str, masks: Artifact | None = None) -> None:
+          device: str, masks: Artifact | None = None, eval_data: str = "wikitext2") -> None:
     """Perplexity of a model folder, or of the dense model with a mask artifact applied."""
     from stages.model.devices import DTYPES, resolve_device
 
-    text = data.wikitext2_test(data.data_dir(data_dir)).texts[0]
+    corpus = data.eval_corpus(eval_data, data.data_dir(data_dir))
+    if corpus.digest != spec.corpus_digest:  # the key names the text: never measure another
+        raise RuntimeError(f"{eval_data} changed since the run was planned; run it again")
+    text = corpus.texts[0]
     ids = load_tokenizer(model)(text, return_tensors="pt")["input_ids"]
     windows = token_windows(ids, spec.seqlen, spec.windows)
     loader = BlockLoader(model.path, DTYPES[spec.dtype])
     result = {**perplexity(loader, windows, resolve_device(device),
                            MaskFiles(masks) if masks is not None else None),
               "windows_total": ids.numel() // spec.seqlen, "seqlen": spec.seqlen,
-              "tokens": ids.numel(), "dtype": spec.dtype}
+              "tokens": ids.numel(), "dtype": spec.dtype, "eval_data": eval_data}
     write_json(out, "result.json", result)
 
 

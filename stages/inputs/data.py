@@ -1,14 +1,21 @@
 """Text corpora: a local data directory laid out like ``shared/data``, else the Hub.
 
 Local layout (see the data directory's SOURCES.md):
-  wikitext-2-raw-v1/wiki.test.raw   the raw Wikitext-2 test file
+  wikitext-2-raw-v1/wiki.test.raw   the raw Wikitext-2 test file (reported numbers)
+  wikitext-2-raw-v1/wiki.valid.raw  the raw Wikitext-2 validation file (decisions)
   c4/**/*.json.gz, c4/**/*.jsonl.gz C4 documents, one JSON object with "text" per line
+
+C4 is split once, by a digest of each document's text: one document in ``HELDOUT_EVERY``
+is held out for evaluation (``c4-heldout``) and never calibrates; the rest calibrate. The
+split depends on nothing but the text, so it is the same on every machine, for every seed
+and for any set of C4 files.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -45,26 +52,71 @@ def wikitext_rows(raw: str) -> list[str]:
     return [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]
 
 
+HELDOUT_EVERY = 8  # one C4 document in 8 is evaluation data, never calibration
+
+
 def wikitext2_test(directory: Path | None) -> Corpus:
     """The Wikitext-2 raw test split as one string joined with blank lines (the ppl protocol)."""
+    return _wikitext2(directory, "test")
+
+
+def wikitext2_validation(directory: Path | None) -> Corpus:
+    """The validation split, joined the same way: where recovery options are decided."""
+    return _wikitext2(directory, "validation")
+
+
+def _wikitext2(directory: Path | None, split: str) -> Corpus:
     if directory is not None:
-        path = directory / "wikitext-2-raw-v1" / "wiki.test.raw"
+        name = {"test": "wiki.test.raw", "validation": "wiki.valid.raw"}[split]
+        path = directory / "wikitext-2-raw-v1" / name
         if not path.is_file():
             raise UserError(f"{path} is missing; {_FIX}")
         from stages.checks import text_file
 
-        rows = wikitext_rows(text_file(path, "the Wikitext-2 test split"))
+        rows = wikitext_rows(text_file(path, f"the Wikitext-2 {split} split"))
         source = str(path)
     else:
         rows = _from_hub(lambda ds: ds.load_dataset("wikitext", "wikitext-2-raw-v1",
-                                                    split="test")["text"], "wikitext")
-        source = "hub:wikitext/wikitext-2-raw-v1/test"
+                                                    split=split)["text"], "wikitext")
+        source = f"hub:wikitext/wikitext-2-raw-v1/{split}"
     text = "\n\n".join(rows)
     return Corpus([text], digest_bytes(text.encode()), source)
 
 
+def c4_heldout(directory: Path | None) -> Corpus:
+    """The held-out C4 documents (never calibration data) as one string joined with blank
+    lines, in file order: windows of it measure perplexity on the calibration distribution."""
+    every = _all_c4(directory)
+    text = "\n\n".join(t for t in every.texts if is_heldout(t))
+    return Corpus([text], digest_bytes(text.encode()), f"held-out documents of {every.source}")
+
+
+def is_heldout(text: str) -> bool:
+    """Whether a C4 document is evaluation data: a fixed 1-in-HELDOUT_EVERY digest split."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % HELDOUT_EVERY == 0
+
+
+# the corpora perplexity is measured on (--eval-data), by name
+EVAL_CORPORA = {"wikitext2": wikitext2_test, "wikitext2-validation": wikitext2_validation,
+                "c4-heldout": c4_heldout}
+
+
+def eval_corpus(name: str, directory: Path | None) -> Corpus:
+    if name not in EVAL_CORPORA:
+        raise UserError(f"--eval-data {name!r}: choose one of {', '.join(EVAL_CORPORA)}")
+    return EVAL_CORPORA[name](directory)
+
+
 def c4_documents(directory: Path | None) -> Corpus:
-    """C4 English documents for calibration: every C4 file under the data dir, sorted by path."""
+    """C4 English documents for calibration: every C4 file under the data dir, sorted by
+    path, less the held-out documents (``is_heldout``)."""
+    every = _all_c4(directory)
+    texts = [t for t in every.texts if not is_heldout(t)]
+    digest = digest_bytes(f"calibration part of {every.digest}".encode())
+    return Corpus(texts, digest, every.source)
+
+
+def _all_c4(directory: Path | None) -> Corpus:
     if directory is not None:
         files = sorted([*(directory / "c4").rglob("*.json.gz"),
                         *(directory / "c4").rglob("*.jsonl.gz")])

@@ -45,6 +45,10 @@ class MaskFiles:
                       for kind, pattern in (("weights", "weights*.safetensors"),
                                             ("biases", BIASES_FILE))}
 
+    def report(self) -> dict:
+        """The mask stage's report: its spec, per-layer sparsity, each block's sparsity."""
+        return json.loads((self.masks_file.parent / REPORT_FILE).read_text())
+
     @property
     def has_biases(self) -> bool:
         return bool(self.where["biases"])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from stages.masks import (
     MaskMethod,
     Pattern,
     is_structured,
+    owl,
     parse_pattern,
     split_method,
 )
@@ -63,6 +64,9 @@ class MaskSpec(Spec):
     pattern: str | None = None  # "N:M", or None for unstructured
     mask_inputs: str = "sequential"  # or "dense"
     params: dict = field(default_factory=dict)  # {method name: {parameter: value}}
+    layer_sparsity: str = "uniform"  # or "owl": per-block sparsities (stages.masks.owl)
+    owl_threshold: float = 5.0  # OWL's M: a score above M x the block's mean is an outlier
+    owl_limit: float = 0.08  # OWL's lambda: block sparsities within target -+ this
     dtype: str = "float32"
     batch_size: int = 8
     not_in_key = ("batch_size", "params")
@@ -77,6 +81,9 @@ class MaskSpec(Spec):
         fields = super().key_fields()
         if self.structured:  # structured methods score every block on the dense capture
             fields.pop("mask_inputs")
+        if self.layer_sparsity == "uniform":
+            fields.pop("owl_threshold")
+            fields.pop("owl_limit")
         return {**fields, "params": {m.name: asdict(m) for m in self.methods()}}
 
     def code_modules(self) -> list:
@@ -103,6 +110,18 @@ def validate(spec: MaskSpec) -> None:
     if spec.structured and spec.pattern:
         raise UserError(f"--method {spec.method} removes whole heads and channels: give "
                         f"--sparsity (the fraction of block weights), not --pattern")
+    if spec.layer_sparsity not in ("uniform", "owl"):
+        raise UserError(f"--layer-sparsity {spec.layer_sparsity!r}: choose uniform or owl")
+    if spec.layer_sparsity == "owl":
+        if spec.pattern or spec.structured:
+            raise UserError("--layer-sparsity owl varies the unstructured sparsity of each "
+                            f"block; --{'pattern' if spec.pattern else 'method'} "
+                            f"{spec.pattern or spec.method} fixes it: use one of the two")
+        if spec.owl_threshold <= 0:
+            raise UserError(f"--owl-threshold {spec.owl_threshold}: must be positive")
+        if not 0 <= spec.owl_limit < min(spec.sparsity, 1 - spec.sparsity):
+            raise UserError(f"--owl-limit {spec.owl_limit}: must be >= 0 and keep every "
+                            f"block's sparsity in (0, 1) around --sparsity {spec.sparsity}")
     for method in methods:
         for problem in method.problems():
             raise UserError(problem)
@@ -110,10 +129,12 @@ def validate(spec: MaskSpec) -> None:
 
 # ---- one block ---------------------------------------------------------------------------
 
-def prune_block(block, batches, kwargs_for, spec: MaskSpec) -> dict[str, tuple]:
-    """Prune a block's linear layers in place; returns {name: (keep, new weight or None)}."""
+def prune_block(block, batches, kwargs_for, spec: MaskSpec,
+                pattern: Pattern | None = None) -> dict[str, tuple]:
+    """Prune a block's linear layers in place, to ``pattern`` (default: the spec's);
+    returns {name: (keep, new weight or None)}."""
     scorer, *refiners = spec.methods()
-    pattern = spec.parsed_pattern()
+    pattern = pattern or spec.parsed_pattern()
     linears = arch.linear_layers(block)
     hessian = any(m.needs_hessian for m in (scorer, *refiners))
     stats = collect_stats(block, linears, batches, kwargs_for, hessian)
@@ -203,6 +224,8 @@ def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
     progress = Progress(f"masks {spec.method} (blocks)", loader.n_blocks)
     pruned_path = PrunedPath(out, n, seqlen, hidden, storage_dtype(dtype), device) \
         if spec.mask_inputs == "sequential" else None
+    layers = layer_sparsities(spec, loader, dense, ranges, kwargs_for, device, dtype)
+    patterns = [replace(pattern, sparsity=s) for s in layers["block_sparsity"]]
 
     for index, block in enumerate(loader.blocks(device)):
         # block 0, and every block with --mask-inputs dense, reads the dense capture
@@ -213,12 +236,13 @@ def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
                 yield acts.rows(source, start, stop).to(device, dtype)
 
         block_keep, weights = {}, {}
-        for name, (keep, weight) in prune_block(block, batches, kwargs_for, spec).items():
+        pruned = prune_block(block, batches, kwargs_for, spec, patterns[index])
+        for name, (keep, weight) in pruned.items():
             full = f"{index}.{name}"
             packed[full], shapes[full], block_keep[full] = pack(keep), list(keep.shape), keep
             if weight is not None:
                 weights[full] = weight
-        rows += layer_rows(block_keep, pattern)
+        rows += layer_rows(block_keep, patterns[index])
         if weights:
             save_file(weights, str(out / weights_file(index)))
         if pruned_path and index + 1 < loader.n_blocks:
@@ -232,8 +256,31 @@ def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
     save_packed(out / MASKS_FILE, packed, shapes)
     report = summarize(rows, pattern)
     report.update(spec=asdict(spec), seconds=round(time.monotonic() - started, 1),
-                  calibration_samples=n)
+                  calibration_samples=n, layer_sparsity=layers)
     write_json(out, REPORT_FILE, report)
+
+
+def layer_sparsities(spec: MaskSpec, loader: BlockLoader, dense, ranges, kwargs_for,
+                     device: torch.device, dtype: torch.dtype) -> dict:
+    """Each block's sparsity: the target everywhere, or OWL's (one pass over the dense
+    blocks on the dense capture, before any pruning)."""
+    target = spec.parsed_pattern().sparsity
+    if spec.layer_sparsity == "uniform":
+        return {"rule": "uniform", "block_sparsity": [target] * loader.n_blocks}
+    ratios = []
+    progress = Progress("OWL outlier ratios (blocks)", loader.n_blocks)
+    for index, block in enumerate(loader.blocks(device)):
+        def batches(index=index):
+            for start, stop in ranges:
+                yield acts.rows((dense, index), start, stop).to(device, dtype)
+
+        ratios.append(owl.block_outlier_ratio(block, arch.linear_layers(block), batches,
+                                              kwargs_for, spec.owl_threshold))
+        progress.update(index + 1)
+    sparsities = owl.owl_sparsities(ratios, target, spec.owl_limit)
+    return {"rule": "owl", "threshold": spec.owl_threshold, "limit": spec.owl_limit,
+            "outlier_ratios": [round(r, 6) for r in ratios],
+            "block_sparsity": [round(s, 6) for s in sparsities]}
 
 
 STAGE = Stage("masks", build)

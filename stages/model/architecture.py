@@ -82,3 +82,13 @@ def to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def attention_end(block: nn.Module) -> nn.Module:
+    """The norm before the MLP: its input is the residual stream after attention (Llama,
+    Mistral, Qwen2 and the like name it ``post_attention_layernorm``)."""
+    norm = getattr(block, "post_attention_layernorm", None)
+    if norm is None:
+        raise UserError(f"{type(block).__name__} has no post_attention_layernorm, so its "
+                        "attention cannot be reconstructed alone; use --window block")
+    return norm

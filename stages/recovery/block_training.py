@@ -54,10 +54,23 @@ class TrainConfig:
     autocast: str = "auto"  # "auto" (bf16 where it is faster than fp32), "bfloat16", "none"
     seed: int = 0
     train_norms: bool = False  # also train the norm scales (and any biases), as the authors' code
+    # the block loss: "mse" (Eq. 4) or "nmse", each token's squared error over its target's
+    # squared norm, so tokens with massive activations do not dominate the deep blocks
+    loss: str = "mse"
+    schedule: str = "linear"  # learning-rate decay to 0 over the steps: linear, cosine, constant
+    warmup: float = 0.0  # fraction of the steps over which the rate rises linearly first
     # a block's inputs: "sequential" (the fine-tuned blocks before it: the paper) or "dense"
     # (the dense model's, from the capture: the blocks no longer depend on each other, so
     # they can train in parallel)
     block_inputs: str = "sequential"
+    # choose each block's mask again, with the mask stage's method and pattern, on the
+    # outputs of the fine-tuned blocks before it, just before training it: pruning and
+    # reconstruction alternate block by block (the mask stage's masks stay the "pruned" model)
+    remask: bool = False
+    # what one reconstruction window is: the whole "block" (Eq. 4), or "sublayers": first
+    # the attention's weights against the dense residual stream after attention, then the
+    # MLP's against the dense block output (each with its own epochs and early stop)
+    window: str = "block"
 
     def validate(self, nsamples: int) -> None:
         checks = [
@@ -81,6 +94,17 @@ class TrainConfig:
              f"--block-inputs {self.block_inputs!r}: choose sequential or dense"),
             (not (self.train_norms and self.tune == "mask"),
              "--train-norms trains parameters, --tune mask freezes them: use one of the two"),
+            (not (self.remask and self.block_inputs == "dense"),
+             ("--remask chooses each mask on the fine-tuned blocks' outputs; --block-inputs "
+             "dense trains on the dense model's: use one of the two")),
+            (self.window in WINDOWS, f"--window {self.window!r}: choose block or sublayers"),
+            (not (self.train_norms and self.window == "sublayers"),
+             ("--train-norms trains the whole block's norms; --window sublayers trains "
+             "attention and MLP apart: use one of the two")),
+            (self.loss in LOSSES, f"--loss {self.loss!r}: choose {' or '.join(LOSSES)}"),
+            (self.schedule in SCHEDULES,
+             f"--schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}"),
+            (0 <= self.warmup < 1, f"--warmup {self.warmup}: must be in [0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -92,6 +116,38 @@ class TrainConfig:
 
 class NonFiniteLoss(UserError):
     pass
+
+
+LOSSES = ("mse", "nmse")
+WINDOWS = ("block", "sublayers")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The mean loss of a batch of block outputs (batch, tokens, hidden) against targets.
+    "mse": over every element. "nmse": each token's ||out - target||² / ||target||², a
+    relative error, averaged over tokens."""
+    out, target = out.float(), target.float()
+    if kind == "mse":
+        return F.mse_loss(out, target)
+    error = (out - target).pow(2).sum(-1)
+    return (error / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup_steps: int) -> float:
+    """The learning rate's multiplier at ``step`` of ``total``: a linear warm-up over
+    ``warmup_steps``, then linear or cosine decay to 0, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if warmup_steps == 0:  # written as before the warm-up existed: the same floats
+        progress = step / total
+    else:
+        progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1 - progress)
 
 
 @functools.cache
@@ -127,12 +183,19 @@ def _hard_mask(scores: torch.Tensor, counts: torch.Tensor, m: int) -> torch.Tens
     return (ranks < counts.unsqueeze(-1)).reshape(rows, cols)
 
 
+class _Reached(Exception):
+    pass
+
+
 class BlockTuner:
     """The trainable view of a block: its linear weights (and, if asked, its other
-    parameters: norm scales, biases), or scores over the linear weights."""
+    parameters: norm scales, biases), or scores over the linear weights. ``keep`` names the
+    linear layers trained (the others stay frozen); with ``stop_at``, the output is the
+    input of that submodule (the residual stream after attention), not the block's."""
 
-    def __init__(self, block, keep: dict[str, torch.Tensor], cfg: TrainConfig, nm_m: int):
-        self.block, self.cfg, self.m = block, cfg, nm_m
+    def __init__(self, block, keep: dict[str, torch.Tensor], cfg: TrainConfig, nm_m: int,
+                 stop_at: torch.nn.Module | None = None):
+        self.block, self.cfg, self.m, self.stop_at = block, cfg, nm_m, stop_at
         self.names = {name: f"{name}.weight" for name in keep}
         modules = dict(block.named_modules())
         self.weights = {name: modules[name].weight for name in keep}
@@ -170,6 +233,11 @@ class BlockTuner:
                                            weight_decay=decay, fused=fused or None)
 
     def forward(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        if self.stop_at is None:
+            return self._forward(x, kwargs)
+        return stopped_at(self.stop_at, lambda: self._forward(x, kwargs))
+
+    def _forward(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
         if self.cfg.tune == "weights":
             out = self.block(x, **kwargs)
         else:
@@ -187,7 +255,7 @@ class BlockTuner:
         returned without touching the weights."""
         with amp:
             out = self.forward(x, kwargs)
-        loss = F.mse_loss(out.float(), y.float())
+        loss = block_loss(out, y, self.cfg.loss)
         value = loss.item()
         if not math.isfinite(value):
             return value
@@ -244,33 +312,59 @@ class BlockTuner:
         return self.keep
 
 
+def stopped_at(module: torch.nn.Module, run: Callable[[], object]) -> torch.Tensor:
+    """What ``module`` is called with while ``run`` runs, the rest of ``run`` skipped: the
+    residual stream after attention is the input of the norm before the MLP."""
+    seen = {}
+
+    def grab(_module, args, kwargs):
+        seen["input"] = args[0] if args else next(iter(kwargs.values()))
+        raise _Reached
+
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        run()
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return seen["input"]
+
+
 def train_block(block, keep: dict[str, torch.Tensor], batches: Batches, train_rows: list[int],
                 holdout_rows: list[int], kwargs_for: Callable[[int], dict], cfg: TrainConfig,
                 device: torch.device, dtype: torch.dtype, index: int = 0,
                 nm_m: int = 0, log: Callable[[str], None] = print,
-                state_dtype: torch.dtype | None = None) -> dict:
+                state_dtype: torch.dtype | None = None,
+                stop_at: torch.nn.Module | None = None) -> dict:
     """Fine-tune one block in place; returns its record (losses, epochs, time, tokens/s).
     ``state_dtype``: the dtype the block is stored in afterwards (the best epoch's weights
-    are kept in it; mask scores always at full width)."""
+    are kept in it; mask scores always at full width). ``keep`` names the layers trained;
+    ``stop_at``: train against that submodule's input instead of the block's output."""
     keep_as = state_dtype if cfg.tune == "weights" else None
-    tuner = BlockTuner(block, keep, cfg, nm_m)
+    tuner = BlockTuner(block, keep, cfg, nm_m, stop_at)
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.max_epochs
+    warmup_steps = round(cfg.warmup * total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        tuner.optimizer, lambda step: max(0.0, 1 - step / total_steps))  # linear decay to 0
+        tuner.optimizer, lambda step: lr_factor(step, total_steps, cfg.schedule, warmup_steps))
     amp = autocast_for(cfg, device, dtype)
     gen = torch.Generator().manual_seed(cfg.seed + index)
     judge_rows = holdout_rows or train_rows
 
     def loss_on(rows: list[int]) -> float:
+        """The mean loss over ``rows`` (a sum over batches, so batch size does not weigh)."""
         total = 0.0
         with torch.no_grad(), amp:
             for start in range(0, len(rows), cfg.batch_size):
                 chunk = rows[start:start + cfg.batch_size]
                 x, y = batches(chunk)
                 out = tuner.forward(x, kwargs_for(len(chunk)))
-                total += F.mse_loss(out.float(), y.float(), reduction="sum").item()
-        return total / (len(rows) * y[0].numel())
+                if cfg.loss == "mse":
+                    total += F.mse_loss(out.float(), y.float(), reduction="sum").item()
+                else:
+                    total += block_loss(out, y, cfg.loss).item() * len(chunk)
+        return total / (len(rows) * (y[0].numel() if cfg.loss == "mse" else 1))
 
     started, step, tokens = time.monotonic(), 0, 0
     first = best = loss_on(judge_rows)

@@ -21,7 +21,7 @@ Each block's key chains the key of the block before it, so it covers its input a
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ import stages.recovery.block_training as training
 import store.activations as acts
 from stages.errors import UserError
 from stages.inputs.capture import ZARR_NAME
+from stages.masks import pruning
 from stages.masks.mask_files import MaskFiles
 from stages.model.devices import free_memory
 from stages.model.model_source import ModelSource
@@ -111,6 +112,24 @@ class Context:
         block = self.loader.block(index)
         self.masks.apply(block, index)
         return block.to(self.device)
+
+    def remasked_block(self, index: int, source: acts.Source, batch: int):
+        """Block ``index`` pruned now, by the mask stage's method to its pattern (OWL's
+        sparsity for this block included), on ``source``: the fine-tuned path's inputs.
+        Returns the block and its keep-masks."""
+        report = self.masks.report()
+        spec = pruning.MaskSpec(**report["spec"])
+        pattern = spec.parsed_pattern()
+        sparsities = report.get("layer_sparsity", {}).get("block_sparsity")
+        if sparsities:
+            pattern = replace(pattern, sparsity=sparsities[index])
+        block = self.dense_block(index)
+
+        def batches():
+            for start, stop in self.ranges(batch):
+                yield acts.rows(source, start, stop).to(self.device, self.dtype)
+        pruned = pruning.prune_block(block, batches, self.kwargs_for, spec, pattern)
+        return block, {name: keep for name, (keep, _weight) in pruned.items()}
 
     def ranges(self, batch: int) -> list[tuple[int, int]]:
         return [(s, min(s + batch, self.n)) for s in range(0, self.n, batch)]
@@ -252,7 +271,10 @@ def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
         target = dense_target(ctx, chain, index)
         if not independent:  # (independent blocks may run at once, in any order)
             prefetch_dense_target(ctx, chain, index + 1)  # read while this block trains
-    block = ctx.sparse_block(index)
+    if cfg.remask:
+        block, keep = ctx.remasked_block(index, source, spec.io_batch_size)
+    else:
+        block, keep = ctx.sparse_block(index), ctx.keep(index)
     n_holdout = cfg.holdout_count(ctx.n)
     train_rows, holdout_rows = list(range(ctx.n - n_holdout)), list(range(ctx.n - n_holdout, ctx.n))
 
@@ -266,10 +288,28 @@ def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
         x, y = rows_of(rows)
         return x.to(ctx.device, torch.float32), y.to(ctx.device, torch.float32)
 
-    record = training.train_block(block, ctx.keep(index), batches, train_rows, holdout_rows,
-                                  lambda b: ctx.kwargs_for(b, torch.float32), cfg,
-                                  ctx.device, torch.float32, index, spec.nm_m, log,
-                                  state_dtype=ctx.dtype)
+    def train(keep, batches, stop_at=None) -> dict:
+        return training.train_block(block, keep, batches, train_rows, holdout_rows,
+                                    lambda b: ctx.kwargs_for(b, torch.float32), cfg,
+                                    ctx.device, torch.float32, index, spec.nm_m, log,
+                                    state_dtype=ctx.dtype, stop_at=stop_at)
+
+    if cfg.window == "sublayers":  # attention against the dense attention output, then MLP
+        point = arch.attention_end(block)
+        first = attention_layers(ctx, block, point)
+        rows_after_attention = preload(ctx, source, attention_target(ctx, index, spec))
+
+        def attention_batches(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = rows_after_attention(rows)
+            return x.to(ctx.device, torch.float32), y.to(ctx.device, torch.float32)
+        attention = train({n: k for n, k in keep.items() if n in first}, attention_batches,
+                          point)
+        record = train({n: k for n, k in keep.items() if n not in first}, batches)
+        record["_keep"] |= attention.pop("_keep")
+        record["seconds"] = round(record["seconds"] + attention["seconds"], 2)
+        record["attention"] = attention
+    else:
+        record = train(keep, batches)
     block.to(ctx.dtype)
     keep = record.pop("_keep")
     trained = [f"{name}.weight" for name in arch.linear_layers(block)]
@@ -301,6 +341,43 @@ def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
         HANDOVER.write_later(save, f"block {index}'s boundary")
     elif previous:
         ctx.store.delete("ebft-boundary", previous)
+
+
+def attention_layers(ctx: Context, block, point) -> set[str]:
+    """The linear layers a block runs before ``point`` (its attention's), found by running
+    it once on zeros: no module names assumed."""
+    called: list[str] = []
+    handles = [linear.register_forward_pre_hook(lambda _m, _a, name=name: called.append(name))
+               for name, linear in arch.linear_layers(block).items()]
+    x = torch.zeros(1, ctx.seqlen, ctx.hidden, device=ctx.device, dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            training.stopped_at(point, lambda: arch.run_block(
+                block, x, ctx.kwargs_for(1, torch.float32)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return set(called)
+
+
+@torch.no_grad()
+def attention_target(ctx: Context, index: int, spec: BlockSpec) -> torch.Tensor:
+    """The dense model's residual stream after block ``index``'s attention, on the dense
+    inputs: the first window's target (the dense block output is the second's)."""
+    from stages.model.devices import storage_dtype
+
+    dense = ctx.dense_block(index)
+    point = arch.attention_end(dense)
+    home = ctx.device if fits(ctx, 3) else torch.device("cpu")
+    out = torch.empty(ctx.n, ctx.seqlen, ctx.hidden, dtype=storage_dtype(ctx.dtype),
+                      device=home)
+    for start, stop in ctx.ranges(spec.io_batch_size):
+        x = acts.rows((ctx.dense, index), start, stop).to(ctx.device, ctx.dtype)
+        h = training.stopped_at(point, lambda x=x: arch.run_block(
+            dense, x, ctx.kwargs_for(len(x))))
+        out[start:stop] = h.to(home)
+    dense.to("cpu")
+    return out
 
 
 def read_record(artifact: Artifact) -> dict:

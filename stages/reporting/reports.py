@@ -42,6 +42,7 @@ def flatten(report: dict) -> dict:
         "nsamples": cfg["dense"]["nsamples"], "dense_ppl": ppl["dense"]["perplexity"],
         "pruned_ppl": ppl["pruned"]["perplexity"], "ppl": final["perplexity"],
         "eval_windows": f"{ppl['dense']['windows']}/{ppl['dense']['windows_total']}",
+        "eval_data": cfg["dense"].get("eval_data", "wikitext2"),
         # the cost of recovering: EBFT's blocks, or the mask stage itself for DSnoT
         "finetune_seconds": seconds.get("ebft", seconds.get("lora", seconds.get("masks", 0.0)
                                                                 if refine else 0.0)),

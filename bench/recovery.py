@@ -1,0 +1,126 @@
+"""Recovery options against the default, decided on held-out data (issue 22's protocol).
+
+    EBFT_DATA_DIR=../shared/data python bench/recovery.py --work /tmp/recovery \
+        --variants default,nmse --seeds 0,1 [--val-windows 32] [--c4-windows 16]
+
+Each variant is `ebft run` with a few flags (``VARIANTS``) on one store, so the calibration,
+the dense capture and the masks of a seed are computed once and shared. Each variant is
+measured on the Wikitext-2 **validation** split and on held-out C4 documents (never
+calibration data), never on the test split; ``--eval-data wikitext2 --val-windows all``
+gives the reported numbers once a choice is made. For each, the share of the gap that
+pruning opened which the recovery closes: (pruned - recovered) / (pruned - dense).
+
+Prints a Markdown table and writes JSON (default ``bench/results/recovery.json``; existing
+results in it are kept and updated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+from pathlib import Path
+
+from end_to_end import timed_run
+from results_file import write_results
+
+# name -> the flags of `ebft run` that differ from the default run
+VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    "nmse": ["--loss", "nmse"],
+    "cosine": ["--schedule", "cosine", "--warmup", "0.1"],
+    "lr2e-3": ["--lr", "2e-3"],
+    "lr5e-4": ["--lr", "5e-4"],
+    "no-clip": ["--max-grad-norm", "0"],
+    "dense-block": ["--target", "dense-block"],
+    "epochs4": ["--epochs", "4"],
+    "nmse-lr2e-3": ["--loss", "nmse", "--lr", "2e-3"],
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", required=True, help="a folder for the shared store")
+    parser.add_argument("--variants", default="default",
+                        help=f"comma list of: {', '.join(VARIANTS)}")
+    parser.add_argument("--seeds", default="0", help="calibration seeds, comma list")
+    parser.add_argument("--mask-flags", default="",
+                        help="mask flags for every variant, e.g. '--pattern 2:4'")
+    parser.add_argument("--val-windows", default="32")
+    parser.add_argument("--c4-windows", default="16")
+    parser.add_argument("--eval-data", default="wikitext2-validation,c4-heldout")
+    parser.add_argument("--out", default="bench/results/recovery.json")
+    return parser.parse_args(argv)
+
+
+def gap_closed(ppl: dict) -> float | None:
+    dense, pruned, recovered = ppl["dense"], ppl["pruned"], ppl.get("finetuned")
+    if recovered is None or pruned <= dense:
+        return None
+    return (pruned - recovered) / (pruned - dense)
+
+
+def measure(args: argparse.Namespace, variant: str, seed: str, eval_data: str) -> dict:
+    windows = args.c4_windows if eval_data == "c4-heldout" else args.val_windows
+    flags = ["--store", str(Path(args.work) / "store"), "--seed", seed,
+             "--eval-data", eval_data, "--eval-windows", windows,
+             *shlex.split(args.mask_flags), *VARIANTS[variant]]
+    run = timed_run(flags)
+    ppl = {name: round(value, 4) for name, value in run["perplexity"].items()}
+    return {"flags": flags, "perplexity": ppl, "gap_closed": gap_closed(ppl),
+            "ebft_s": run["stages"].get("ebft", {}).get("seconds"),
+            "ebft_state": run["stages"].get("ebft", {}).get("state"),
+            "wall_s": run["wall_s"], "windows": windows}
+
+
+def table(results: dict, eval_sets: list[str]) -> str:
+    """One row per variant: recovered perplexity and gap closed, mean (and spread) over seeds."""
+    head = "| variant | " + " | ".join(f"{e} ppl | {e} gap closed" for e in eval_sets)
+    lines = [head + " | EBFT s |", "|---" * (2 * len(eval_sets) + 2) + "|"]
+    for variant, by_seed in results.items():
+        cells = []
+        for e in eval_sets:
+            runs = [r[e] for r in by_seed.values() if e in r]
+            ppl = [r["perplexity"].get("finetuned") for r in runs if r["perplexity"]]
+            gaps = [r["gap_closed"] for r in runs if r["gap_closed"] is not None]
+            cells += [spread(ppl, 3), spread([100 * g for g in gaps], 1, "%")]
+        seconds = [r[e]["ebft_s"] for r in by_seed.values() for e in eval_sets[:1] if e in r
+                   and r[e]["ebft_state"] == "Completed"]
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {spread(seconds, 0)} |")
+    return "\n".join(lines)
+
+
+def spread(values: list, digits: int, unit: str = "") -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}{unit}"
+    return f"{mean:.{digits}f}{unit} ± {statistics.stdev(values):.{digits}f} (n={len(values)})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    saved = json.loads(out.read_text()) if out.is_file() else {}
+    results = saved.setdefault("variants", {})
+    eval_sets = args.eval_data.split(",")
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        for seed in args.seeds.split(","):
+            for eval_data in eval_sets:
+                run = measure(args, variant, seed, eval_data)
+                name = f"{args.mask_flags} {variant}".strip()  # e.g. "--pattern 2:4 nmse"
+                results.setdefault(name, {}).setdefault(seed, {})[eval_data] = run
+                print(json.dumps({variant: {seed: {eval_data: run}}}), flush=True)
+                write_results(str(out), saved)
+    print(table(results, eval_sets))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
