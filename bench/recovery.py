@@ -36,6 +36,10 @@ VARIANTS: dict[str, list[str]] = {
     "dense-block": ["--target", "dense-block"],
     "epochs4": ["--epochs", "4"],
     "nmse-lr2e-3": ["--loss", "nmse", "--lr", "2e-3"],
+    "sublayers": ["--window", "sublayers"],
+    "remask": ["--remask"],
+    "owl": ["--layer-sparsity", "owl"],
+    "generated": ["--calibration", "generated"],
 }
 
 
@@ -54,8 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def gap_closed(ppl: dict) -> float | None:
-    dense, pruned, recovered = ppl["dense"], ppl["pruned"], ppl.get("finetuned")
+def gap_closed(ppl: dict, reference: float | None = None) -> float | None:
+    """The share of the gap between dense and ``reference`` (the uniform default mask's
+    pruned perplexity; default: this run's own pruned model) that the recovery closes."""
+    dense, recovered = ppl["dense"], ppl.get("finetuned")
+    pruned = reference or ppl["pruned"]
     if recovered is None or pruned <= dense:
         return None
     return (pruned - recovered) / (pruned - dense)
@@ -75,16 +82,23 @@ def measure(args: argparse.Namespace, variant: str, seed: str, eval_data: str) -
 
 
 def table(results: dict, eval_sets: list[str]) -> str:
-    """One row per variant: recovered perplexity and gap closed, mean (and spread) over seeds."""
-    head = "| variant | " + " | ".join(f"{e} ppl | {e} gap closed" for e in eval_sets)
-    lines = [head + " | EBFT s |", "|---" * (2 * len(eval_sets) + 2) + "|"]
+    """One row per variant: pruned and recovered perplexity, and the gap closed against the
+    default mask's pruned model of the same seed; mean (± sd) over seeds."""
+    head = "| variant | " + " | ".join(f"{e}: pruned | recovered | gap closed"
+                                       for e in eval_sets)
+    lines = [head + " | EBFT s |", "|---" * (3 * len(eval_sets) + 2) + "|"]
     for variant, by_seed in results.items():
+        mask_flags = variant.rsplit(" ", 1)[0] if " " in variant else ""
+        reference = results.get(f"{mask_flags} default".strip(), {})
         cells = []
         for e in eval_sets:
-            runs = [r[e] for r in by_seed.values() if e in r]
-            ppl = [r["perplexity"].get("finetuned") for r in runs if r["perplexity"]]
-            gaps = [r["gap_closed"] for r in runs if r["gap_closed"] is not None]
-            cells += [spread(ppl, 3), spread([100 * g for g in gaps], 1, "%")]
+            runs = [(seed, r[e]) for seed, r in by_seed.items() if e in r]
+            pruned = [r["perplexity"]["pruned"] for _, r in runs]
+            ppl = [r["perplexity"].get("finetuned") for _, r in runs]
+            gaps = [gap_closed(r["perplexity"], reference.get(seed, {}).get(e, {})
+                               .get("perplexity", {}).get("pruned")) for seed, r in runs]
+            cells += [spread(pruned, 3), spread(ppl, 3),
+                      spread([100 * g for g in gaps if g is not None], 1, "%")]
         seconds = [r[e]["ebft_s"] for r in by_seed.values() for e in eval_sets[:1] if e in r
                    and r[e]["ebft_state"] == "Completed"]
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {spread(seconds, 0)} |")

@@ -61,6 +61,9 @@ def add_dense_flags(parser: argparse.ArgumentParser) -> None:
     option(dense, "--nsamples", "dense.nsamples", "calibration windows")
     option(dense, "--seqlen", "dense.seqlen", "calibration window length")
     option(dense, "--seed", "dense.seed", "calibration sampling seed")
+    option(dense, "--calibration", "dense.calibration",
+           "c4 (windows of C4 documents) or generated (the dense model writes each window "
+           "on from its first 8 C4 tokens; holds the whole model once)")
     option(dense, "--eval-seqlen", "dense.eval_seqlen", "perplexity window")
     option(dense, "--eval-windows", "dense.eval_windows",
            "evaluate the first N Wikitext-2 test windows, or all")

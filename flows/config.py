@@ -36,6 +36,7 @@ class DenseConfig:
     nsamples: int = 16  # calibration windows (the paper: 256)
     seqlen: int = 1024  # calibration window length
     seed: int = 0  # calibration sampling seed
+    calibration: str = "c4"  # c4 windows, or "generated": the dense model's own text
     eval_seqlen: int = 2048  # perplexity window
     eval_windows: int | None = 4  # the first N Wikitext-2 test windows; None: all
     # what perplexity is measured on: wikitext2 (the test split: reported numbers),

@@ -39,6 +39,7 @@ def prepare_dense(cfg: DenseConfig, whole_model: bool = False) -> Inputs:
     any stage runs, and writes nothing to the store (the default model's one-time
     conversion goes to this machine's cache)."""
     check_dense_flags(cfg)
+    whole_model = whole_model or cfg.calibration == "generated"  # generation holds it all
     store = Store(cfg.store)
     directory = data.data_dir(cfg.data_dir)
     c4, wiki = data.c4_documents(directory), data.eval_corpus(cfg.eval_data, directory)
@@ -58,8 +59,7 @@ def prepare_dense(cfg: DenseConfig, whole_model: bool = False) -> Inputs:
     if ppl.window_count(wiki, tokenizer, cfg.eval_seqlen) < 1:
         raise UserError(f"{wiki.source} has fewer than --eval-seqlen {cfg.eval_seqlen} tokens: "
                         "not one perplexity window; lower --eval-seqlen or restore the file")
-    calib_spec = calibration.CalibrationSpec(c4.digest, tokenizer_digest(model), cfg.nsamples,
-                                             cfg.seqlen, cfg.seed)
+    calib_spec = calibration_spec(cfg, c4.digest, model)
     if store.get("calibration", calib_spec.key()) is None:
         calibration.check_corpus(c4.texts, c4.digest, tokenizer, cfg.seqlen)
     capture_spec = capture.CaptureSpec(model.digest, calib_spec.key(), dtype, cfg.batch_size)
@@ -69,8 +69,21 @@ def prepare_dense(cfg: DenseConfig, whole_model: bool = False) -> Inputs:
     return Inputs(store, directory, device, dtype, model)
 
 
+def calibration_spec(cfg: DenseConfig, c4_digest: str, model) -> calibration.CalibrationSpec:
+    generated = cfg.calibration == "generated"
+    return calibration.CalibrationSpec(c4_digest, tokenizer_digest(model), cfg.nsamples,
+                                       cfg.seqlen, cfg.seed, cfg.calibration,
+                                       model.digest if generated else "")
+
+
 def check_dense_flags(cfg: DenseConfig) -> None:
     """The numbers and the store's location: checks that need nothing loaded."""
+    if cfg.calibration not in calibration.SOURCES:
+        raise UserError(f"--calibration {cfg.calibration!r}: choose "
+                        f"{' or '.join(calibration.SOURCES)}")
+    if cfg.eval_data not in data.EVAL_CORPORA:
+        raise UserError(f"--eval-data {cfg.eval_data!r}: choose one of "
+                        f"{', '.join(data.EVAL_CORPORA)}")
     for flag, value in (("--batch-size", cfg.batch_size), ("--eval-windows", cfg.eval_windows)):
         checks.positive(flag, value)
     checks.positive("--seed", cfg.seed, allow_zero=True)
@@ -130,10 +143,10 @@ def dense_stages(cfg: DenseConfig, inputs: Inputs, log: StageLog) -> dict:
 
     c4_digest = data.c4_documents(directory).digest
     wiki_digest = data.eval_corpus(cfg.eval_data, directory).digest
-    calib_spec = calibration.CalibrationSpec(c4_digest, tokenizer_digest(model), cfg.nsamples,
-                                             cfg.seqlen, cfg.seed)
+    calib_spec = calibration_spec(cfg, c4_digest, model)
     calib = timed("calibration", lambda: run_stage(
-        calibration.STAGE, calib_spec, store, model=model, data_dir=cfg.data_dir))
+        calibration.STAGE, calib_spec, store, model=model, data_dir=cfg.data_dir,
+        device=str(device)))
     capture_spec = capture.CaptureSpec(model.digest, calib.key, dtype, cfg.batch_size)
     activations = timed("dense-capture", lambda: run_stage(
         capture.STAGE, capture_spec, store, model=model, calibration=calib,

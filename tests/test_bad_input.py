@@ -62,6 +62,7 @@ def run_fails(capsys, model, data_dir, store: Path, *flags: str) -> str:
     (["--loss", "l1"], "--loss 'l1': choose mse or nmse"),
     (["--schedule", "step"], "--schedule 'step': choose linear, cosine, constant"),
     (["--warmup", "1.5"], "--warmup 1.5: must be in [0, 1)"),
+    (["--calibration", "wiki"], "--calibration 'wiki': choose c4 or generated"),
     (["--window", "heads"], "--window 'heads': choose block or sublayers"),
     (["--remask", "--block-inputs", "dense"], "--remask chooses each mask on the fine-tuned"),
     (["--method", "flap", "--sparsity", "0.2", "--remask"], "--remask chooses single weights"),

@@ -1,5 +1,8 @@
+from dataclasses import replace
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from stages.errors import UserError
 from stages.inputs import calibration, data
@@ -99,3 +102,29 @@ def test_every_eval_corpus_is_its_own_text(shared_data):
     assert valid.startswith("\n\n = Homarus gammarus = ") and len(valid) > 1_000_000
     with pytest.raises(UserError, match="--eval-data 'ptb': choose one of"):
         data.eval_corpus("ptb", shared_data)
+
+
+def test_generated_calibration_starts_from_c4_and_is_seeded(tmp_path, tiny_model, data_dir):
+    model = resolve_model(str(tiny_model))
+    corpus = data.c4_documents(data_dir)
+    c4 = calibration.CalibrationSpec(corpus.digest, tokenizer_digest(model), 4, 32, 0)
+    made = {}
+    for name, spec in {"c4": c4, "generated": replace(c4, source="generated",
+                                                       model_digest=model.digest),
+                       "again": replace(c4, source="generated", model_digest=model.digest),
+                       "seed 1": replace(c4, source="generated", model_digest=model.digest,
+                                         seed=1)}.items():
+        out = tmp_path / name
+        out.mkdir()
+        calibration.build(spec, out, model, str(data_dir))
+        made[name] = load_file(str(out / calibration.TOKENS_FILE))["input_ids"]
+    prefix = calibration.GENERATED_PREFIX
+    assert made["generated"].shape == (4, 32)
+    assert torch.equal(made["generated"][:, :prefix], made["c4"][:, :prefix])
+    assert not torch.equal(made["generated"], made["c4"])  # the rest is the model's
+    assert torch.equal(made["generated"], made["again"])  # seeded
+    assert not torch.equal(made["generated"], made["seed 1"])
+    # the weights are in a generated set's key, never in a C4 one's
+    assert replace(c4, model_digest="other").key() == c4.key()
+    generated = replace(c4, source="generated", model_digest=model.digest)
+    assert replace(generated, model_digest="other").key() != generated.key()

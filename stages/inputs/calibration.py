@@ -3,6 +3,14 @@
 The sampler picks a document longer than ``seqlen`` tokens uniformly at random, then a
 window start uniformly at random inside it, ``nsamples`` times with replacement, from one
 seeded generator. Everything is a pure function of (documents, tokenizer, parameters, seed).
+
+``source="generated"``: the dense model's own text instead ("Rethinking Pruning LLMs", Shin
+et al., EMNLP 2024, find reconstruction over-fits C4 calibration windows and that text the
+model generates itself calibrates better). Each window starts with the first
+``GENERATED_PREFIX`` tokens of the C4 window the sampler drew (so the topics are C4's) and
+the model samples the rest (temperature 1, nucleus 0.95), seeded. It is the one stage that
+holds the whole model (generation needs every block for every token); it runs once and is
+cached like any calibration set.
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ from stages.stage import Spec, Stage
 from store import Artifact, write_json
 
 TOKENS_FILE = "tokens.safetensors"
+SOURCES = ("c4", "generated")
+GENERATED_PREFIX = 8  # tokens of the C4 window a generated window starts with
+GENERATE_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,14 @@ class CalibrationSpec(Spec):
     nsamples: int
     seqlen: int
     seed: int
+    source: str = "c4"  # or "generated": the dense model's own text
+    model_digest: str = ""  # the generating model's weights (generated only)
+
+    def key_fields(self) -> dict:
+        fields = super().key_fields()
+        if self.source == "c4":  # C4 windows depend on the tokenizer, not the weights
+            fields.pop("model_digest")
+        return fields
 
 
 def validate(nsamples: int, seqlen: int, max_context: int | None,
@@ -80,13 +99,47 @@ def sample_windows(token_lists: list[list[int]], nsamples: int, seqlen: int,
     return windows
 
 
-def build(spec: CalibrationSpec, out: Path, model: ModelSource, data_dir: str | None) -> None:
-    """Sample the calibration windows from the C4 documents with the model's tokenizer."""
+def build(spec: CalibrationSpec, out: Path, model: ModelSource, data_dir: str | None,
+          device: str = "cpu") -> None:
+    """Sample the calibration windows from the C4 documents with the model's tokenizer (and,
+    for generated text, let the model write each window on from its first tokens)."""
     texts = data.c4_documents(data.data_dir(data_dir)).texts
     token_lists = load_tokenizer(model)(texts)["input_ids"]
     windows = sample_windows(token_lists, spec.nsamples, spec.seqlen, spec.seed)
+    if spec.source == "generated":
+        windows = generate_windows(model, windows[:, :GENERATED_PREFIX], spec.seqlen,
+                                   spec.seed, device)
     save_file({"input_ids": windows}, str(out / TOKENS_FILE))
     write_json(out, "meta.json", {**asdict(spec), "shape": list(windows.shape)})
+
+
+@torch.inference_mode()
+def generate_windows(model: ModelSource, prompts: torch.Tensor, seqlen: int, seed: int,
+                     device: str) -> torch.Tensor:
+    """(n, seqlen) windows the model samples on from each prompt row: exactly seqlen tokens
+    (end-of-text suppressed), the same on every run of a machine for a seed."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.model.devices import resolve_device, resolve_dtype
+
+    target = resolve_device(device)
+    lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=resolve_dtype("auto", target))
+    lm.to(target).eval()
+    new = seqlen - prompts.shape[1]
+    rows = []
+    with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for chunk in prompts.split(GENERATE_BATCH):
+            ids = lm.generate(chunk.to(target), attention_mask=torch.ones_like(chunk).to(target),
+                              do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+                              max_new_tokens=new, min_new_tokens=new,
+                              pad_token_id=_first(lm.generation_config.eos_token_id))
+            rows.append(ids[:, :seqlen].cpu())
+    return torch.cat(rows)
+
+
+def _first(token: int | list[int] | None) -> int:
+    return (token[0] if token else 0) if isinstance(token, list) else (token or 0)
 
 
 STAGE = Stage("calibration", build)
