@@ -66,7 +66,7 @@ def add_dense_flags(parser: argparse.ArgumentParser) -> None:
            "on from its first 8 C4 tokens; holds the whole model once)")
     option(dense, "--eval-seqlen", "dense.eval_seqlen", "perplexity window")
     option(dense, "--eval-windows", "dense.eval_windows",
-           "evaluate the first N Wikitext-2 test windows, or all")
+           "evaluate the first N windows of --eval-data, or all")
     option(dense, "--eval-data", "dense.eval_data",
            "perplexity on wikitext2 (test split), wikitext2-validation or c4-heldout")
     option(dense, "--device", "dense.device", "auto, cpu, cuda or cuda:N")
@@ -115,7 +115,7 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
     option(prune, "--owl-threshold", "prune.owl_threshold",
            "OWL's M: a score above M times its block's mean is an outlier")
     option(prune, "--owl-limit", "prune.owl_limit",
-           "OWL's lambda: block sparsities within --sparsity plus or minus this")
+           "OWL's lambda: block sparsities spread over twice this, their mean --sparsity")
     add_method_flags(prune)
     tune = run.add_argument_group("fine-tuning (EBFT, one cached task per block)")
     option(tune, "--finetune", "finetune",
@@ -383,6 +383,11 @@ def stored_sweep(sweep, configurations: int) -> dict:
             "configurations": configurations}
 
 
+# how the summaries name what perplexity was measured on (--eval-data)
+EVAL_LABELS = {"wikitext2": "wikitext-2", "wikitext2-validation": "wiki-valid",
+               "c4-heldout": "c4-heldout"}
+
+
 def _dense(args: argparse.Namespace) -> int:
     from flows.dense import dense_flow, prepare
     from flows.server import prefect_api
@@ -401,8 +406,9 @@ def _dense(args: argparse.Namespace) -> int:
         print(f"stage        {stage:<14} {name}")
     print(f"calibration  {result['calibration']['path']}")
     print(f"activations  {result['activations']['path']}")
-    print(f"wikitext-2   perplexity {ppl['perplexity']:.3f} over {ppl['windows']} of "
-          f"{ppl['windows_total']} windows of {ppl['seqlen']} tokens")
+    print(f"{EVAL_LABELS[ppl.get('eval_data', 'wikitext2')]:<12} perplexity "
+          f"{ppl['perplexity']:.3f} over {ppl['windows']} of {ppl['windows_total']} windows "
+          f"of {ppl['seqlen']} tokens")
     print(f"wall time    {time.monotonic() - start:.1f}s")
     return 0
 
@@ -587,8 +593,7 @@ def print_summary(report: dict) -> None:
     print(f"sparsity     {masks['overall_sparsity']:.4f} overall, pattern "
           f"{'ok' if masks['pattern_ok'] else 'VIOLATED'} in every layer")
     windows = f"{dense['windows']} of {dense['windows_total']} windows of {dense['seqlen']}"
-    data = {"wikitext2": "wikitext-2", "wikitext2-validation": "wiki-valid",
-            "c4-heldout": "c4-heldout"}[dense.get("eval_data", "wikitext2")]
+    data = EVAL_LABELS[dense.get("eval_data", "wikitext2")]
     print(f"{data:<12} {'dense':<26} {dense['perplexity']:.3f}   ({windows})")
     print(f"{data:<12} {label:<26} {report['perplexity']['pruned']['perplexity']:.3f}")
     if sparse is not None:

@@ -59,7 +59,7 @@ def prepare_dense(cfg: DenseConfig, whole_model: bool = False) -> Inputs:
     if ppl.window_count(wiki, tokenizer, cfg.eval_seqlen) < 1:
         raise UserError(f"{wiki.source} has fewer than --eval-seqlen {cfg.eval_seqlen} tokens: "
                         "not one perplexity window; lower --eval-seqlen or restore the file")
-    calib_spec = calibration_spec(cfg, c4.digest, model)
+    calib_spec = calibration_spec(cfg, c4.digest, model, device, dtype)
     if store.get("calibration", calib_spec.key()) is None:
         calibration.check_corpus(c4.texts, c4.digest, tokenizer, cfg.seqlen)
     capture_spec = capture.CaptureSpec(model.digest, calib_spec.key(), dtype, cfg.batch_size)
@@ -69,11 +69,13 @@ def prepare_dense(cfg: DenseConfig, whole_model: bool = False) -> Inputs:
     return Inputs(store, directory, device, dtype, model)
 
 
-def calibration_spec(cfg: DenseConfig, c4_digest: str, model) -> calibration.CalibrationSpec:
+def calibration_spec(cfg: DenseConfig, c4_digest: str, model, device,
+                     dtype: str) -> calibration.CalibrationSpec:
     generated = cfg.calibration == "generated"
     return calibration.CalibrationSpec(c4_digest, tokenizer_digest(model), cfg.nsamples,
                                        cfg.seqlen, cfg.seed, cfg.calibration,
-                                       model.digest if generated else "")
+                                       model.digest if generated else "",
+                                       f"{device.type}/{dtype}" if generated else "")
 
 
 def check_dense_flags(cfg: DenseConfig) -> None:
@@ -81,6 +83,9 @@ def check_dense_flags(cfg: DenseConfig) -> None:
     if cfg.calibration not in calibration.SOURCES:
         raise UserError(f"--calibration {cfg.calibration!r}: choose "
                         f"{' or '.join(calibration.SOURCES)}")
+    if cfg.calibration == "generated" and cfg.seqlen <= calibration.GENERATED_PREFIX:
+        raise UserError(f"--seqlen {cfg.seqlen}: a generated window starts with "
+                        f"{calibration.GENERATED_PREFIX} C4 tokens, so it must be longer")
     if cfg.eval_data not in data.EVAL_CORPORA:
         raise UserError(f"--eval-data {cfg.eval_data!r}: choose one of "
                         f"{', '.join(data.EVAL_CORPORA)}")
@@ -143,7 +148,7 @@ def dense_stages(cfg: DenseConfig, inputs: Inputs, log: StageLog) -> dict:
 
     c4_digest = data.c4_documents(directory).digest
     wiki_digest = data.eval_corpus(cfg.eval_data, directory).digest
-    calib_spec = calibration_spec(cfg, c4_digest, model)
+    calib_spec = calibration_spec(cfg, c4_digest, model, device, dtype)
     calib = timed("calibration", lambda: run_stage(
         calibration.STAGE, calib_spec, store, model=model, data_dir=cfg.data_dir,
         device=str(device)))

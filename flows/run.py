@@ -87,7 +87,24 @@ def prepare(cfg: RunConfig) -> Inputs:
         check_layers_fit(inputs.model, pattern)
     if mask_spec.structured:
         check_structured(inputs.model, cfg.prune.flap.bias)
+    if cfg.finetune == "ebft" and cfg.train.window == "sublayers":
+        check_sublayers(inputs.model)
     return inputs
+
+
+def check_sublayers(model: ModelSource) -> None:
+    """--window sublayers needs the residual stream after attention and linear layers on
+    both sides of it; checked on a meta model before anything runs."""
+    import stages.model.architecture as arch
+    from stages.model.model_source import meta_model
+
+    block = arch.decoder_blocks(meta_model(model))[0]
+    arch.attention_end(block)
+    names = list(arch.linear_layers(block))
+    if not any(n.startswith("self_attn.") for n in names) or all(
+            n.startswith("self_attn.") for n in names):
+        raise UserError(f"--window sublayers: {type(block).__name__} has no linear layers on "
+                        "one side of its attention; use --window block")
 
 
 def check_structured(model: ModelSource, with_bias: bool) -> None:

@@ -109,11 +109,10 @@ def test_generated_calibration_starts_from_c4_and_is_seeded(tmp_path, tiny_model
     corpus = data.c4_documents(data_dir)
     c4 = calibration.CalibrationSpec(corpus.digest, tokenizer_digest(model), 4, 32, 0)
     made = {}
-    for name, spec in {"c4": c4, "generated": replace(c4, source="generated",
-                                                       model_digest=model.digest),
-                       "again": replace(c4, source="generated", model_digest=model.digest),
-                       "seed 1": replace(c4, source="generated", model_digest=model.digest,
-                                         seed=1)}.items():
+    generated = replace(c4, source="generated", model_digest=model.digest,
+                        generator="cpu/float32")
+    for name, spec in {"c4": c4, "generated": generated, "again": generated,
+                       "seed 1": replace(generated, seed=1)}.items():
         out = tmp_path / name
         out.mkdir()
         calibration.build(spec, out, model, str(data_dir))
@@ -124,7 +123,7 @@ def test_generated_calibration_starts_from_c4_and_is_seeded(tmp_path, tiny_model
     assert not torch.equal(made["generated"], made["c4"])  # the rest is the model's
     assert torch.equal(made["generated"], made["again"])  # seeded
     assert not torch.equal(made["generated"], made["seed 1"])
-    # the weights are in a generated set's key, never in a C4 one's
-    assert replace(c4, model_digest="other").key() == c4.key()
-    generated = replace(c4, source="generated", model_digest=model.digest)
+    # the weights, device type and dtype are in a generated set's key, never in a C4 one's
+    assert replace(c4, model_digest="other", generator="cuda/bfloat16").key() == c4.key()
     assert replace(generated, model_digest="other").key() != generated.key()
+    assert replace(generated, generator="cuda/bfloat16").key() != generated.key()

@@ -2,15 +2,16 @@
 
 The sampler picks a document longer than ``seqlen`` tokens uniformly at random, then a
 window start uniformly at random inside it, ``nsamples`` times with replacement, from one
-seeded generator. Everything is a pure function of (documents, tokenizer, parameters, seed).
+seeded generator. C4 windows are a pure function of (documents, tokenizer, parameters, seed);
+generated ones also of the model's weights and the device type and dtype it samples in.
 
 ``source="generated"``: the dense model's own text instead ("Rethinking Pruning LLMs", Shin
 et al., EMNLP 2024, find reconstruction over-fits C4 calibration windows and that text the
 model generates itself calibrates better). Each window starts with the first
 ``GENERATED_PREFIX`` tokens of the C4 window the sampler drew (so the topics are C4's) and
-the model samples the rest (temperature 1, nucleus 0.95), seeded. It is the one stage that
-holds the whole model (generation needs every block for every token); it runs once and is
-cached like any calibration set.
+the model samples the rest (temperature 1, nucleus 0.95), seeded (``generation.py``). It is
+the one stage that holds the whole model (generation needs every block for every token); it
+runs once and is cached like any calibration set.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from store import Artifact, write_json
 TOKENS_FILE = "tokens.safetensors"
 SOURCES = ("c4", "generated")
 GENERATED_PREFIX = 8  # tokens of the C4 window a generated window starts with
-GENERATE_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,22 @@ class CalibrationSpec(Spec):
     seqlen: int
     seed: int
     source: str = "c4"  # or "generated": the dense model's own text
-    model_digest: str = ""  # the generating model's weights (generated only)
+    # generated only: the generating model's weights, and the device type and dtype it
+    # samples in ("cpu/float32"): sampling differs between them
+    model_digest: str = ""
+    generator: str = ""
 
     def key_fields(self) -> dict:
         fields = super().key_fields()
         if self.source == "c4":  # C4 windows depend on the tokenizer, not the weights
             fields.pop("model_digest")
+            fields.pop("generator")
         return fields
+
+    def code_modules(self) -> list:
+        """The sampler's code, and the generator's only for generated sets."""
+        extra = [generation()] if self.source == "generated" else []
+        return [*super().code_modules(), *extra]
 
 
 def validate(nsamples: int, seqlen: int, max_context: int | None,
@@ -107,39 +116,18 @@ def build(spec: CalibrationSpec, out: Path, model: ModelSource, data_dir: str | 
     token_lists = load_tokenizer(model)(texts)["input_ids"]
     windows = sample_windows(token_lists, spec.nsamples, spec.seqlen, spec.seed)
     if spec.source == "generated":
-        windows = generate_windows(model, windows[:, :GENERATED_PREFIX], spec.seqlen,
-                                   spec.seed, device)
+        dtype = spec.generator.split("/")[1]
+        windows = generation().generate_windows(model, windows[:, :GENERATED_PREFIX],
+                                                spec.seqlen, spec.seed, device, dtype)
     save_file({"input_ids": windows}, str(out / TOKENS_FILE))
     write_json(out, "meta.json", {**asdict(spec), "shape": list(windows.shape)})
 
 
-@torch.inference_mode()
-def generate_windows(model: ModelSource, prompts: torch.Tensor, seqlen: int, seed: int,
-                     device: str) -> torch.Tensor:
-    """(n, seqlen) windows the model samples on from each prompt row: exactly seqlen tokens
-    (end-of-text suppressed), the same on every run of a machine for a seed."""
-    from transformers import AutoModelForCausalLM
+def generation():
+    """``stages.inputs.generation``, imported by name: only generated sets depend on it."""
+    import importlib
 
-    from stages.model.devices import resolve_device, resolve_dtype
-
-    target = resolve_device(device)
-    lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=resolve_dtype("auto", target))
-    lm.to(target).eval()
-    new = seqlen - prompts.shape[1]
-    rows = []
-    with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for chunk in prompts.split(GENERATE_BATCH):
-            ids = lm.generate(chunk.to(target), attention_mask=torch.ones_like(chunk).to(target),
-                              do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
-                              max_new_tokens=new, min_new_tokens=new,
-                              pad_token_id=_first(lm.generation_config.eos_token_id))
-            rows.append(ids[:, :seqlen].cpu())
-    return torch.cat(rows)
-
-
-def _first(token: int | list[int] | None) -> int:
-    return (token[0] if token else 0) if isinstance(token, list) else (token or 0)
+    return importlib.import_module("stages.inputs.generation")
 
 
 STAGE = Stage("calibration", build)
@@ -147,3 +135,10 @@ STAGE = Stage("calibration", build)
 
 def load(artifact: Artifact) -> torch.Tensor:
     return load_file(f"{artifact.path}/{TOKENS_FILE}")["input_ids"]
+
+
+def meta(artifact: Artifact) -> dict:
+    """What the calibration set is (its spec and shape)."""
+    import json
+
+    return json.loads((Path(artifact.path) / "meta.json").read_text())

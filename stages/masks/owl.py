@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from stages.masks.block_stats import collect_stats
-from stages.masks.methods.wanda import wanda_scores
 
 
 def outlier_ratio(scores: list[torch.Tensor], threshold: float) -> float:
@@ -42,6 +41,7 @@ def owl_sparsities(ratios: list[float], target: float, limit: float) -> list[flo
 def block_outlier_ratio(block, linears: dict, batches, kwargs_for, threshold: float) -> float:
     """One dense block's outlier ratio on its calibration inputs."""
     stats = collect_stats(block, linears, batches, kwargs_for, hessian=False)
-    scores = [wanda_scores(linear.weight.data, stats[name].as_kwargs()["input_norms"])
+    scores = [linear.weight.data.abs().float()  # Wanda's score: |W_ij| x ||X_j||
+              * stats[name].as_kwargs()["input_norms"].float().reshape(1, -1)
               for name, linear in linears.items()]
     return outlier_ratio(scores, threshold)

@@ -33,7 +33,6 @@ from stages.masks import (
     MaskMethod,
     Pattern,
     is_structured,
-    owl,
     parse_pattern,
     split_method,
 )
@@ -66,7 +65,7 @@ class MaskSpec(Spec):
     params: dict = field(default_factory=dict)  # {method name: {parameter: value}}
     layer_sparsity: str = "uniform"  # or "owl": per-block sparsities (stages.masks.owl)
     owl_threshold: float = 5.0  # OWL's M: a score above M x the block's mean is an outlier
-    owl_limit: float = 0.08  # OWL's lambda: block sparsities within target -+ this
+    owl_limit: float = 0.08  # OWL's lambda: block sparsities spread over 2 x this
     dtype: str = "float32"
     batch_size: int = 8
     not_in_key = ("batch_size", "params")
@@ -87,9 +86,11 @@ class MaskSpec(Spec):
         return {**fields, "params": {m.name: asdict(m) for m in self.methods()}}
 
     def code_modules(self) -> list:
-        """This stage's code and that of the methods it runs (found by name, not imported)."""
+        """This stage's code and that of the methods it runs (found by name, not imported),
+        and OWL's when it chooses the block sparsities."""
+        owl = [owl_module()] if self.layer_sparsity == "owl" else []
         return [*super().code_modules(), *(sys.modules[type(m).__module__]
-                                           for m in self.methods())]
+                                           for m in self.methods()), *owl]
 
     @property
     def structured(self) -> bool:
@@ -119,9 +120,12 @@ def validate(spec: MaskSpec) -> None:
                             f"{spec.pattern or spec.method} fixes it: use one of the two")
         if spec.owl_threshold <= 0:
             raise UserError(f"--owl-threshold {spec.owl_threshold}: must be positive")
-        if not 0 <= spec.owl_limit < min(spec.sparsity, 1 - spec.sparsity):
-            raise UserError(f"--owl-limit {spec.owl_limit}: must be >= 0 and keep every "
-                            f"block's sparsity in (0, 1) around --sparsity {spec.sparsity}")
+        # a block's sparsity can be up to 2 x limit from the target (one block far from
+        # all the others): keep every block inside (0, 1)
+        if not 0 <= 2 * spec.owl_limit < min(spec.sparsity, 1 - spec.sparsity):
+            raise UserError(f"--owl-limit {spec.owl_limit}: must be >= 0 and under half the "
+                            f"distance from --sparsity {spec.sparsity} to 0 and to 1, so every "
+                            "block's sparsity stays inside (0, 1)")
     for method in methods:
         for problem in method.problems():
             raise UserError(problem)
@@ -267,7 +271,7 @@ def layer_sparsities(spec: MaskSpec, loader: BlockLoader, dense, ranges, kwargs_
     target = spec.parsed_pattern().sparsity
     if spec.layer_sparsity == "uniform":
         return {"rule": "uniform", "block_sparsity": [target] * loader.n_blocks}
-    ratios = []
+    owl, ratios = owl_module(), []
     progress = Progress("OWL outlier ratios (blocks)", loader.n_blocks)
     for index, block in enumerate(loader.blocks(device)):
         def batches(index=index):
@@ -281,6 +285,13 @@ def layer_sparsities(spec: MaskSpec, loader: BlockLoader, dense, ranges, kwargs_
     return {"rule": "owl", "threshold": spec.owl_threshold, "limit": spec.owl_limit,
             "outlier_ratios": [round(r, 6) for r in ratios],
             "block_sparsity": [round(s, 6) for s in sparsities]}
+
+
+def owl_module():
+    """``stages.masks.owl``, imported by name: only OWL's masks depend on its code."""
+    import importlib
+
+    return importlib.import_module("stages.masks.owl")
 
 
 STAGE = Stage("masks", build)

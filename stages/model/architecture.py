@@ -86,9 +86,12 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
 
 def attention_end(block: nn.Module) -> nn.Module:
     """The norm before the MLP: its input is the residual stream after attention (Llama,
-    Mistral, Qwen2 and the like name it ``post_attention_layernorm``)."""
+    Mistral, Qwen2 and the like name it ``post_attention_layernorm``). Blocks that also
+    have a ``pre_feedforward_layernorm`` (Gemma 2, OLMo 2) normalise the attention's output
+    there before the residual add, so they have no such point here."""
     norm = getattr(block, "post_attention_layernorm", None)
-    if norm is None:
-        raise UserError(f"{type(block).__name__} has no post_attention_layernorm, so its "
-                        "attention cannot be reconstructed alone; use --window block")
+    if norm is None or hasattr(block, "pre_feedforward_layernorm"):
+        raise UserError(f"{type(block).__name__} has no norm whose input is the residual "
+                        "stream after attention, so its attention cannot be reconstructed "
+                        "alone; use --window block")
     return norm

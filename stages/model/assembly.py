@@ -13,7 +13,7 @@ others), and ``form="compact"`` saves structured masks as a physically narrower 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,6 +73,8 @@ def build(spec: AssemblySpec, out: Path, model: ModelSource, masks: Artifact,
                 if not (name == "lm_head.weight"
                         and getattr(loader.config, "tie_word_embeddings", False))})
     rows = []
+    # each block's own sparsity (OWL varies it), for the check of its layers
+    sparsities = mask_files.report().get("layer_sparsity", {}).get("block_sparsity")
     for index in range(loader.n_blocks):
         block = loader.block(index)
         mask_files.apply(block, index)
@@ -85,7 +87,8 @@ def build(spec: AssemblySpec, out: Path, model: ModelSource, masks: Artifact,
         # kept weight may be exactly zero, e.g. after 4-bit dequantization).
         keep = {f"{index}.{name}": mask_files.keep(f"{index}.{name}") if pattern.structured
                 else linear.weight.detach() != 0 for name, linear in linears.items()}
-        rows += layer_rows(keep, pattern)
+        block_pattern = replace(pattern, sparsity=sparsities[index]) if sparsities else pattern
+        rows += layer_rows(keep, block_pattern)
         if with_biases:
             structured.give_biases(block)
         writer.add({f"{blocks_prefix}{index}.{name}": tensor.to(dtype)

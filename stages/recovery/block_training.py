@@ -98,6 +98,9 @@ class TrainConfig:
              ("--remask chooses each mask on the fine-tuned blocks' outputs; --block-inputs "
              "dense trains on the dense model's: use one of the two")),
             (self.window in WINDOWS, f"--window {self.window!r}: choose block or sublayers"),
+            (not (self.target == "dense-block" and self.window == "sublayers"),
+             ("--window sublayers reconstructs the dense model's own outputs (the dense "
+              "attention output, then --target dense-output): drop --target dense-block")),
             (not (self.train_norms and self.window == "sublayers"),
              ("--train-norms trains the whole block's norms; --window sublayers trains "
              "attention and MLP apart: use one of the two")),

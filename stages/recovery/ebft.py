@@ -21,6 +21,7 @@ Each block's key chains the key of the block before it, so it covers its input a
 from __future__ import annotations
 
 import functools
+import importlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -32,7 +33,6 @@ import stages.recovery.block_training as training
 import store.activations as acts
 from stages.errors import UserError
 from stages.inputs.capture import ZARR_NAME
-from stages.masks import pruning
 from stages.masks.mask_files import MaskFiles
 from stages.model.devices import free_memory
 from stages.model.model_source import ModelSource
@@ -117,6 +117,8 @@ class Context:
         """Block ``index`` pruned now, by the mask stage's method to its pattern (OWL's
         sparsity for this block included), on ``source``: the fine-tuned path's inputs.
         Returns the block and its keep-masks."""
+        # by name: the mask stage's code is in this block's key through its masks key
+        pruning = importlib.import_module("stages.masks.pruning")
         report = self.masks.report()
         spec = pruning.MaskSpec(**report["spec"])
         pattern = spec.parsed_pattern()

@@ -115,6 +115,8 @@ def build(spec: LoraSpec, out: Path, model: ModelSource, masks: Artifact,
 
     pruned = load_masked_model(model, DTYPES[spec.dtype], masks).to(resolve_device(device))
     record = train(pruned, calib.load(calibration), spec.settings, logger().info)
+    if calib.meta(calibration).get("source") == "generated":
+        record["data"] = DATA_LABEL.replace("C4 plain text", "the dense model's own text")
     merged = record.pop("model")
     files = MaskFiles(masks)
     for index, block in enumerate(arch.decoder_blocks(merged)):  # the merged B·A is dense:
