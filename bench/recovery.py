@@ -36,9 +36,13 @@ VARIANTS: dict[str, list[str]] = {
     "dense-block": ["--target", "dense-block"],
     "epochs4": ["--epochs", "4"],
     "nmse-lr2e-3": ["--loss", "nmse", "--lr", "2e-3"],
+    "batch1": ["--train-batch-size", "1"],
     "sublayers": ["--window", "sublayers"],
     "remask": ["--remask"],
     "owl": ["--layer-sparsity", "owl"],
+    "owl-remask": ["--layer-sparsity", "owl", "--remask"],
+    "owl-remask-batch1": ["--layer-sparsity", "owl", "--remask", "--train-batch-size", "1"],
+    "owl0.15-remask": ["--layer-sparsity", "owl", "--owl-limit", "0.15", "--remask"],
     "generated": ["--calibration", "generated"],
 }
 
