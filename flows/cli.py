@@ -76,9 +76,8 @@ def add_dense_flags(parser: argparse.ArgumentParser) -> None:
            "batch size of inference passes (capture, masks, boundaries)")
     config = parser.add_argument_group("configuration")
     config.add_argument("--preset", default="default",
-                        help="default (~15 min on a 2-core CPU), paper (the paper's "
-                             "settings) or recovery (default + OWL + --remask): a partial "
-                             "configuration the flags override")
+                        help="default (~15 min on a 2-core CPU) or paper (the paper's "
+                             "settings): a partial configuration the flags override")
     config.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="set any configuration field, e.g. --set train.tolerance=0.02 "
                              "(repeatable; the sections are dense, prune, train, lora, "

@@ -104,14 +104,10 @@ class RunConfig:
 # "default" is the dataclasses' own defaults. "paper" is the paper's setting: 256 x 1024 C4
 # windows, up to 10 epochs at lr 2e-4 with batch 8, the full Wikitext-2 test set. Our
 # default lr is 1e-3: it reaches a much lower block loss (bench/vs_authors.py).
-# "recovery" is the default budget with the recovery options that won on held-out data
-# (bench/recovery.py, docs/results.md): OWL block sparsities and masks re-chosen on the
-# fine-tuned path. For unstructured masks (OWL varies unstructured sparsity per block).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": {"dense.nsamples": 256, "dense.eval_windows": None, "train.max_epochs": 10,
               "train.batch_size": 8, "train.lr": 2e-4},
-    "recovery": {"prune.layer_sparsity": "owl", "train.remask": True},
 }
 
 

@@ -43,12 +43,6 @@ def test_presets_are_partial_configs_and_flags_win(flags, lr, epochs):
     assert (cfg.train.lr, cfg.train.max_epochs, cfg.train.max_grad_norm) == (lr, epochs, 1.0)
 
 
-def test_the_recovery_preset_is_owl_and_remask_over_the_defaults():
-    cfg, _ = parse("--preset", "recovery")
-    assert cfg.prune.layer_sparsity == "owl" and cfg.train.remask is True
-    assert (cfg.train.lr, cfg.dense.nsamples) == (RunConfig().train.lr, RunConfig().dense.nsamples)
-
-
 def test_set_reaches_every_field_with_its_type():
     cfg, given = parse("--method", "sparsegpt", "--set", "prune.sparsegpt.percdamp=0.02",
                        "--set", "train.tolerance=0.05", "--set", "dense.eval_windows=all",
@@ -69,7 +63,7 @@ def test_set_reaches_every_field_with_its_type():
     (["--set", "train.lr=fast"], "--set train.lr 'fast': not a float"),
     (["--nsamples", "many"], "--nsamples 'many': not an integer"),
     (["--flap-bias", "maybe"], "--flap-bias 'maybe': not on or off"),
-    (["--preset", "huge"], "--preset 'huge': choose default, paper, recovery"),
+    (["--preset", "huge"], "--preset 'huge': choose default, paper"),
 ])
 def test_bad_settings_are_one_line_errors_naming_the_flag(flags, message):
     with pytest.raises(UserError, match=message.replace("?", "\\?")):
