@@ -85,9 +85,14 @@ def measure(args: argparse.Namespace, variant: str, seed: str, eval_data: str) -
             "wall_s": run["wall_s"], "windows": windows}
 
 
-def table(results: dict, eval_sets: list[str]) -> str:
+def table(results: dict, eval_sets: list[str], seeds: list[str] | None = None) -> str:
     """One row per variant: pruned and recovered perplexity, and the gap closed against the
-    default mask's pruned model of the same seed; mean (± sd) over seeds."""
+    default mask's pruned model of the same seed; mean (± sd) over ``seeds`` (all: None),
+    so compare rows measured on the same seeds."""
+    if seeds is not None:
+        results = {v: {s: r for s, r in by_seed.items() if s in seeds}
+                   for v, by_seed in results.items()}
+        results = {v: by_seed for v, by_seed in results.items() if by_seed}
     head = "| variant | " + " | ".join(f"{e}: pruned | recovered | gap closed"
                                        for e in eval_sets)
     lines = [head + " | EBFT s |", "|---" * (3 * len(eval_sets) + 2) + "|"]
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(name, {}).setdefault(seed, {})[eval_data] = run
                 print(json.dumps({variant: {seed: {eval_data: run}}}), flush=True)
                 write_results(str(out), saved)
-    print(table(results, eval_sets))
+    print(table(results, eval_sets, args.seeds.split(",")))
     return 0
 
 
