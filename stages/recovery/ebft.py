@@ -137,17 +137,23 @@ class Context:
         return [(s, min(s + batch, self.n)) for s in range(0, self.n, batch)]
 
     @torch.no_grad()
-    def forward(self, block, source: acts.Source, batch: int) -> torch.Tensor:
+    def forward(self, block, source: acts.Source, batch: int, stop_at=None,
+                resident: int = 2) -> torch.Tensor:
         """The block's outputs on every calibration sample, in the 16-bit storage dtype (the
-        values a boundary in the store holds), on the device when they fit, else the host."""
+        values a boundary in the store holds), on the device when ``resident`` such tensors
+        fit, else the host. With ``stop_at``: that submodule's input instead (the residual
+        stream after attention)."""
         from stages.model.devices import storage_dtype
 
-        home = self.device if fits(self, 2) else torch.device("cpu")
+        home = self.device if fits(self, resident) else torch.device("cpu")
         out = torch.empty(self.n, self.seqlen, self.hidden, dtype=storage_dtype(self.dtype),
                           device=home)
         for start, stop in self.ranges(batch):
             x = acts.rows(source, start, stop).to(self.device, self.dtype)
-            out[start:stop] = arch.run_block(block, x, self.kwargs_for(len(x))).to(home)
+            def run(x=x):
+                return arch.run_block(block, x, self.kwargs_for(len(x)))
+            y = run() if stop_at is None else training.stopped_at(stop_at, run)
+            out[start:stop] = y.to(home)
         return out
 
     def save_boundary(self, key: str, outputs: torch.Tensor) -> None:
@@ -284,11 +290,13 @@ def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
     # AdamW's small late updates would round away in bf16 weights. Speed comes from
     # bf16 autocast where the hardware has it (TrainConfig.autocast).
     block.float()
-    rows_of = preload(ctx, source, target)
+    def in_fp32(rows_of):
+        def batches(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = rows_of(rows)
+            return x.to(ctx.device, torch.float32), y.to(ctx.device, torch.float32)
+        return batches
 
-    def batches(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = rows_of(rows)
-        return x.to(ctx.device, torch.float32), y.to(ctx.device, torch.float32)
+    batches = in_fp32(preload(ctx, source, target))
 
     def train(keep, batches, stop_at=None) -> dict:
         return training.train_block(block, keep, batches, train_rows, holdout_rows,
@@ -299,11 +307,7 @@ def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
     if cfg.window == "sublayers":  # attention against the dense attention output, then MLP
         point = arch.attention_end(block)
         first = attention_layers(ctx, block, point)
-        rows_after_attention = preload(ctx, source, attention_target(ctx, index, spec))
-
-        def attention_batches(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            x, y = rows_after_attention(rows)
-            return x.to(ctx.device, torch.float32), y.to(ctx.device, torch.float32)
+        attention_batches = in_fp32(preload(ctx, source, attention_target(ctx, index, spec)))
         attention = train({n: k for n, k in keep.items() if n in first}, attention_batches,
                           point)
         record = train({n: k for n, k in keep.items() if n not in first}, batches)
@@ -362,22 +366,12 @@ def attention_layers(ctx: Context, block, point) -> set[str]:
     return set(called)
 
 
-@torch.no_grad()
 def attention_target(ctx: Context, index: int, spec: BlockSpec) -> torch.Tensor:
     """The dense model's residual stream after block ``index``'s attention, on the dense
     inputs: the first window's target (the dense block output is the second's)."""
-    from stages.model.devices import storage_dtype
-
     dense = ctx.dense_block(index)
-    point = arch.attention_end(dense)
-    home = ctx.device if fits(ctx, 3) else torch.device("cpu")
-    out = torch.empty(ctx.n, ctx.seqlen, ctx.hidden, dtype=storage_dtype(ctx.dtype),
-                      device=home)
-    for start, stop in ctx.ranges(spec.io_batch_size):
-        x = acts.rows((ctx.dense, index), start, stop).to(ctx.device, ctx.dtype)
-        h = training.stopped_at(point, lambda x=x: arch.run_block(
-            dense, x, ctx.kwargs_for(len(x))))
-        out[start:stop] = h.to(home)
+    out = ctx.forward(dense, (ctx.dense, index), spec.io_batch_size,
+                      stop_at=arch.attention_end(dense), resident=3)
     dense.to("cpu")
     return out
 
