@@ -261,3 +261,37 @@ def test_owl_masks_vary_by_block_around_the_target(tmp_path, tiny_model):
     assert uniform.key() != spec.key()
     # OWL's own settings are in the key only when OWL runs
     assert uniform.key() == pruning.MaskSpec("m", "a", sparsity=0.6, owl_limit=0.2).key()
+
+
+def test_capture_records_the_input_statistics_a_mask_pass_would_collect(tmp_path, tiny_model):
+    """OWL reads the input norms the capture recorded on its own pass: they equal those of
+    a separate pass of the dense block over the captured inputs."""
+    import stages.model.architecture as arch
+    import store.activations as acts
+    from stages.inputs import capture
+    from stages.masks.block_stats import collect_stats
+    from stages.model.streaming import BlockLoader
+    from store import Artifact
+
+    ids = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(0))
+    activations = tmp_path / "acts"
+    loader = BlockLoader(tiny_model, torch.float32)
+    capture.capture_dense(loader, ids, activations / capture.ZARR_NAME, torch.device("cpu"),
+                          torch.float16, batch_size=4, attrs={})
+    group = acts.open_group(activations / capture.ZARR_NAME)
+    kwargs = {n: loader.block_kwargs(n, 16, torch.device("cpu"), torch.float32) for n in (2, 4)}
+    for index in range(loader.n_blocks):
+        block = loader.block(index)
+        linears = arch.linear_layers(block)
+
+        def batches(index=index):
+            for start in (0, 4):
+                yield acts.read(group, index, start, min(start + 4, 6)).float()
+
+        direct = collect_stats(block, linears, batches, kwargs.__getitem__, hessian=False)
+        recorded = capture.input_stats(Artifact("activations", "a", str(activations), "d"),
+                                       index, linears)
+        assert recorded.keys() == direct.keys() == linears.keys()
+        for name in linears:
+            for stat, value in direct[name].as_kwargs().items():
+                torch.testing.assert_close(recorded[name].as_kwargs()[stat], value)

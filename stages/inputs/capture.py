@@ -4,6 +4,10 @@ Blocks run one at a time: boundary l is read back from the store in batches, pus
 through block l on the device, and written as boundary l+1. Peak memory is one block plus
 one batch of activations, whatever the model's depth. Every sparsity configuration of the
 same model and calibration set reuses this store.
+
+The same pass also sums every linear layer's inputs (Σx, Σx² per feature, the dense model's
+own statistics) into ``input_stats.safetensors``: what OWL's layer sparsities need, so they
+cost no pass of their own.
 """
 
 from __future__ import annotations
@@ -12,9 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import stages.model.architecture as arch
 import store.activations as acts
+from stages.masks.block_stats import StatsRecorder
+from stages.masks.stats import LayerStats
 from stages.model.model_source import ModelSource
 from stages.model.streaming import BlockLoader
 from stages.progress import Progress
@@ -22,6 +30,7 @@ from stages.stage import Spec, Stage
 from store import Artifact
 
 ZARR_NAME = "activations.zarr"
+STATS_NAME = "input_stats.safetensors"
 
 
 @dataclass(frozen=True)
@@ -48,11 +57,26 @@ def capture_dense(loader: BlockLoader, tokens: torch.Tensor, out: Path, device: 
         hidden, kwargs = loader.first_inputs(tokens[start:stop])
         acts.write(group, 0, start, hidden)
         kwargs_for.setdefault(stop - start, arch.to_device(kwargs, device, loader.dtype))
+    stats: dict[str, torch.Tensor] = {}
     for index, block in enumerate(loader.blocks(device)):
-        for start, stop in batches:
-            x = acts.read(group, index, start, stop).to(device, loader.dtype)
-            acts.write(group, index + 1, start, arch.run_block(block, x, kwargs_for[stop - start]))
+        with StatsRecorder(arch.linear_layers(block), hessian=False) as recorder:
+            for start, stop in batches:
+                x = acts.read(group, index, start, stop).to(device, loader.dtype)
+                recorder.next_batch()
+                outputs = arch.run_block(block, x, kwargs_for[stop - start])
+                acts.write(group, index + 1, start, outputs)
+        for name, layer in recorder.stats.items():
+            stats.update(layer.to_tensors(f"{index}.{name}"))
         progress.update(index + 1)
+    save_file(stats, str(out.parent / STATS_NAME))
+
+
+def input_stats(activations: Artifact, block: int, names) -> dict[str, LayerStats]:
+    """The dense model's input statistics of block ``block``'s linear layers ``names``."""
+    with safe_open(str(Path(activations.path) / STATS_NAME), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()  # noqa: SIM118 (not a dict)
+                   if key.startswith(f"{block}.")}
+    return {name: LayerStats.from_tensors(tensors, f"{block}.{name}") for name in names}
 
 
 def build(spec: CaptureSpec, out: Path, model: ModelSource, calibration: Artifact,

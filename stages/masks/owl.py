@@ -10,14 +10,15 @@ M) times the mean score over all of the block's linear weights; the ratios are s
 
 The paper reports Wanda at 70% on LLaMA-7B going from 85.8 to 24.6 perplexity with M = 5,
 λ = 0.08, our defaults. Scores come from the dense model on the dense capture, the same for
-every mask method, so the ratios are one pass over the blocks before any pruning.
+every mask method: the capture records the input norms as it runs, so the ratios cost no
+pass of their own.
 """
 
 from __future__ import annotations
 
 import torch
 
-from stages.masks.block_stats import collect_stats
+from stages.masks.stats import LayerStats
 
 
 def outlier_ratio(scores: list[torch.Tensor], threshold: float) -> float:
@@ -38,9 +39,8 @@ def owl_sparsities(ratios: list[float], target: float, limit: float) -> list[flo
     return [target - (d - mean) for d in scaled]
 
 
-def block_outlier_ratio(block, linears: dict, batches, kwargs_for, threshold: float) -> float:
-    """One dense block's outlier ratio on its calibration inputs."""
-    stats = collect_stats(block, linears, batches, kwargs_for, hessian=False)
+def block_outlier_ratio(linears: dict, stats: dict[str, LayerStats], threshold: float) -> float:
+    """One dense block's outlier ratio from its layers' input statistics."""
     scores = [linear.weight.data.abs().float()  # Wanda's score: |W_ij| x ||X_j||
               * stats[name].as_kwargs()["input_norms"].float().reshape(1, -1)
               for name, linear in linears.items()]

@@ -228,7 +228,7 @@ def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
     progress = Progress(f"masks {spec.method} (blocks)", loader.n_blocks)
     pruned_path = PrunedPath(out, n, seqlen, hidden, storage_dtype(dtype), device) \
         if spec.mask_inputs == "sequential" else None
-    layers = layer_sparsities(spec, loader, dense, ranges, kwargs_for, device, dtype)
+    layers = layer_sparsities(spec, loader, activations)
     patterns = [replace(pattern, sparsity=s) for s in layers["block_sparsity"]]
 
     for index, block in enumerate(loader.blocks(device)):
@@ -264,23 +264,20 @@ def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
     write_json(out, REPORT_FILE, report)
 
 
-def layer_sparsities(spec: MaskSpec, loader: BlockLoader, dense, ranges, kwargs_for,
-                     device: torch.device, dtype: torch.dtype) -> dict:
-    """Each block's sparsity: the target everywhere, or OWL's (one pass over the dense
-    blocks on the dense capture, before any pruning)."""
+def layer_sparsities(spec: MaskSpec, loader: BlockLoader, activations: Artifact) -> dict:
+    """Each block's sparsity: the target everywhere, or OWL's (from the dense model's input
+    statistics, which the capture recorded)."""
+    from stages.inputs.capture import input_stats
+
     target = spec.parsed_pattern().sparsity
     if spec.layer_sparsity == "uniform":
         return {"rule": "uniform", "block_sparsity": [target] * loader.n_blocks}
-    owl, ratios = owl_module(), []
-    progress = Progress("OWL outlier ratios (blocks)", loader.n_blocks)
-    for index, block in enumerate(loader.blocks(device)):
-        def batches(index=index):
-            for start, stop in ranges:
-                yield acts.rows((dense, index), start, stop).to(device, dtype)
-
-        ratios.append(owl.block_outlier_ratio(block, arch.linear_layers(block), batches,
-                                              kwargs_for, spec.owl_threshold))
-        progress.update(index + 1)
+    owl = owl_module()
+    ratios = []
+    for index in range(loader.n_blocks):
+        linears = arch.linear_layers(loader.block(index))
+        ratios.append(owl.block_outlier_ratio(linears, input_stats(activations, index, linears),
+                                              spec.owl_threshold))
     sparsities = owl.owl_sparsities(ratios, target, spec.owl_limit)
     return {"rule": "owl", "threshold": spec.owl_threshold, "limit": spec.owl_limit,
             "outlier_ratios": [round(r, 6) for r in ratios],

@@ -27,6 +27,20 @@ class LayerStats:
         if self.hessian is not None:
             self.hessian.addmm_(x.T, x)
 
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The sums, to be saved (Hessians are not: they are per method, and large)."""
+        # cloned: layers that share one accumulator (q/k/v) must not share storage on disk
+        return {f"{prefix}.count": torch.tensor([self.count]),
+                f"{prefix}.sum": self.sum.cpu().clone(),
+                f"{prefix}.sumsq": self.sumsq.cpu().clone()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> LayerStats:
+        stats = cls(len(tensors[f"{prefix}.sum"]))
+        stats.count = int(tensors[f"{prefix}.count"])
+        stats.sum, stats.sumsq = tensors[f"{prefix}.sum"], tensors[f"{prefix}.sumsq"]
+        return stats
+
     def as_kwargs(self) -> dict[str, torch.Tensor]:
         """What the methods take: input_norms (Wanda), mean/var (DSnoT), hessian (SparseGPT)."""
         mean = self.sum / self.count
