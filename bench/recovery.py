@@ -44,6 +44,15 @@ VARIANTS: dict[str, list[str]] = {
     "owl-remask-batch1": ["--layer-sparsity", "owl", "--remask", "--train-batch-size", "1"],
     "owl0.15-remask": ["--layer-sparsity", "owl", "--owl-limit", "0.15", "--remask"],
     "generated": ["--calibration", "generated"],
+    "batch1-lr2e-3": ["--train-batch-size", "1", "--lr", "2e-3"],
+    "owl-remask-batch1-lr2e-3": ["--layer-sparsity", "owl", "--remask", "--train-batch-size", "1",
+                                 "--lr", "2e-3"],
+    "owl-remask-batch1-lr4e-3": ["--layer-sparsity", "owl", "--remask", "--train-batch-size", "1",
+                                 "--lr", "4e-3"],
+    "owl-remask-batch1-norms": ["--layer-sparsity", "owl", "--remask", "--train-batch-size", "1",
+                                "--train-norms"],
+    "owl-remask-batch1-generated": ["--layer-sparsity", "owl", "--remask",
+                                    "--train-batch-size", "1", "--calibration", "generated"],
 }
 
 

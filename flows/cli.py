@@ -31,11 +31,12 @@ def defaults() -> dict[str, object]:
     return values
 
 
-def option(group, flag: str, path: str, help: str, **kwargs) -> None:
+def option(group, flag: str, path: str, help: str, none: str = "none", **kwargs) -> None:
     """A flag that sets the configuration field ``path``. It has no default of its own:
-    left out, the field keeps the config's value (or the preset's), shown in --help."""
+    left out, the field keeps the config's value (or the preset's), shown in --help
+    (a None default as ``none``)."""
     default = defaults()[path]
-    shown = ("all" if path.endswith("windows") else "none") if default is None else default
+    shown = ("all" if path.endswith("windows") else none) if default is None else default
     if "action" not in kwargs:
         kwargs["metavar"] = path.rsplit(".", 1)[-1].upper()
     if isinstance(shown, bool):
@@ -110,8 +111,9 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
     option(prune, "--mask-inputs", "prune.mask_inputs",
            "sequential (pruned path) or dense (shared dense capture)")
     option(prune, "--layer-sparsity", "prune.layer_sparsity",
-           "uniform (every block at --sparsity) or owl (OWL: blocks with more outlier "
-           "weights pruned less, the mean kept)")
+           "uniform (every block at --sparsity), owl (OWL: blocks with more outlier "
+           "weights pruned less, the mean kept), or auto (owl for unstructured sparsity, "
+           "else uniform)")
     option(prune, "--owl-threshold", "prune.owl_threshold",
            "OWL's M: a score above M times its block's mean is an outlier")
     option(prune, "--owl-limit", "prune.owl_limit",
@@ -150,9 +152,10 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
            "block (Eq. 4) or sublayers (attention against the dense attention output, then "
            "the MLP against the dense block output)")
     option(tune, "--remask", "train.remask",
-           "choose each block's mask again on the fine-tuned blocks' outputs just before "
-           "training it: pruning and reconstruction alternate block by block",
-           action="store_const", const="on")
+           "on: choose each block's mask again on the fine-tuned blocks' outputs just before "
+           "training it (pruning and reconstruction alternate block by block); off: train "
+           "on the mask stage's masks; auto: on with sequential block inputs and masks of "
+           "single weights", none="auto", nargs="?", const="on", metavar="on|off|auto")
     option(tune, "--block-inputs", "train.block_inputs",
            "sequential (each block on the outputs of the fine-tuned blocks before it, as "
            "the paper) or dense (on the dense model's, from the capture: the blocks are "
@@ -415,6 +418,7 @@ def _dense(args: argparse.Namespace) -> int:
 
 def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
     """A setting the configuration would silently ignore is an error naming it."""
+    from flows.config import settled
     from stages.masks import METHODS, is_structured
 
     def refuse(paths, why: str) -> None:
@@ -443,9 +447,10 @@ def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
         if name not in running:
             refuse((f"prune.{name}",), f"they set {cls.__name__}, and --method "
                                        f"{cfg.prune.method} does not run it")
-    if cfg.prune.layer_sparsity != "owl":
+    if settled(cfg).prune.layer_sparsity != "owl":
         refuse(("prune.owl_threshold", "prune.owl_limit"),
-               "they set OWL, and --layer-sparsity is not owl")
+               "they set OWL, and OWL is not used (--layer-sparsity uniform, --pattern, or a "
+               "structured method)")
     if is_structured(cfg.prune.method):
         refuse(("prune.mask_inputs",), f"--method {cfg.prune.method} scores every block on "
                                        "the dense capture")

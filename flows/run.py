@@ -13,7 +13,7 @@ from dataclasses import asdict
 from prefect import flow
 
 from flows.caching import StageLog, here, run_stage, submit_stage
-from flows.config import DenseConfig, PruneConfig, RunConfig, ZeroShotConfig
+from flows.config import DenseConfig, PruneConfig, RunConfig, ZeroShotConfig, settled
 from flows.dense import Inputs, check_dense_flags, dense_stages, prepare_dense
 from stages.errors import UserError
 from stages.evaluation import perplexity as ppl
@@ -42,6 +42,7 @@ def prepare(cfg: RunConfig) -> Inputs:
     """Resolve and check every input; raises a one-line UserError before any stage runs.
     The flags first (cheap, and so that a bad flag is named, not what it breaks), then the
     model, data and resources (prepare_dense), then what needs the model's shapes."""
+    cfg = settled(cfg)
     check_dense_flags(cfg.dense)
     if cfg.finetune not in FINETUNES:
         raise UserError(f"--finetune {cfg.finetune!r}: choose one of {', '.join(FINETUNES)}")
@@ -143,6 +144,7 @@ def mask_spec_for(cfg: RunConfig, model_digest: str, activations_key: str,
 @flow(name="ebft-run")
 def run_flow(cfg: RunConfig) -> dict:
     started = time.monotonic()
+    cfg = settled(cfg)  # the "auto" choices made, so the report shows what ran
     inputs = prepare(cfg)
     run = Run(cfg, inputs, StageLog(inputs.store))
     dense = dense_stages(cfg.dense, inputs, run.log)

@@ -67,7 +67,10 @@ def run_fails(capsys, model, data_dir, store: Path, *flags: str) -> str:
     (["--remask", "--block-inputs", "dense"], "--remask chooses each mask on the fine-tuned"),
     (["--method", "flap", "--sparsity", "0.2", "--remask"], "--remask chooses single weights"),
     (["--layer-sparsity", "owl", "--pattern", "2:4"], "--layer-sparsity owl varies"),
-    (["--owl-limit", "0.1"], "--owl-limit would be ignored: they set OWL"),
+    (["--owl-limit", "0.1", "--layer-sparsity", "uniform"],
+     "--owl-limit would be ignored: they set OWL"),
+    (["--owl-threshold", "3", "--pattern", "2:4"], "--owl-threshold would be ignored"),
+    (["--remask", "maybe"], "--remask 'maybe': not on, off or auto"),
     (["--layer-sparsity", "owl", "--owl-limit", "0.6"], "--owl-limit 0.6: must be >= 0"),
     (["--layer-sparsity", "bimodal"], "--layer-sparsity 'bimodal': choose uniform or owl"),
 ])

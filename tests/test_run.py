@@ -24,7 +24,8 @@ def config(store: Path, model: Path, data_dir: Path, **overrides) -> RunConfig:
     dense = DenseConfig(model=str(model), store=str(store), data_dir=str(data_dir), nsamples=8,
                         seqlen=64, eval_seqlen=64, eval_windows=2, batch_size=4)
     train = TrainConfig(lr=1e-3, batch_size=2, max_epochs=3, tolerance=0.0, holdout=0.25)
-    return replace(RunConfig(dense=dense, prune=PruneConfig("wanda", 0.5), train=train),
+    prune = PruneConfig("wanda", 0.5, layer_sparsity="uniform")  # every layer at 0.5
+    return replace(RunConfig(dense=dense, prune=prune, train=train),
                    **overrides)
 
 
@@ -111,7 +112,8 @@ def test_masked_weights_are_zero_after_every_step(monkeypatch, tmp_path, model, 
         checked.append(1)
 
     monkeypatch.setattr(training.BlockTuner, "after_step", after_step_then_check)
-    cfg = config(tmp_path / "store", model, data_dir, prune=PruneConfig("sparsegpt", 0.6),
+    cfg = config(tmp_path / "store", model, data_dir,
+                 prune=PruneConfig("sparsegpt", 0.6, layer_sparsity="uniform"),
                  finetune="ebft")
     run_flow(replace(cfg, train=replace(cfg.train, weight_decay=weight_decay)))
     assert len(checked) >= 3 * 3  # 3 blocks, 3 steps per epoch at least one epoch each
@@ -235,7 +237,8 @@ def test_sequential_and_dense_mask_inputs_differ_after_block_0(tmp_path, model, 
     reports = {}
     for inputs in ("sequential", "dense"):
         cfg = config(tmp_path / "store", model, data_dir, finetune="none",
-                     prune=PruneConfig("wanda", 0.5, mask_inputs=inputs))
+                     prune=PruneConfig("wanda", 0.5, mask_inputs=inputs,
+                                       layer_sparsity="uniform"))
         reports[inputs] = run_flow(cfg)
     a, b = (linear_weights(r["model_folder"]) for r in reports.values())
     first = [n for n in a if ".layers.0." in n]
@@ -277,7 +280,7 @@ def test_mask_stage_on_a_tiny_llama(prefect_server, tmp_path_factory, model, dat
 
     store = tmp_path_factory.getbasetemp() / "mask-stage-store"  # shared: one capture
     cfg = config(store, model, data_dir, finetune="none",
-                 prune=PruneConfig(method, sparsity, pattern))
+                 prune=PruneConfig(method, sparsity, pattern, layer_sparsity="uniform"))
     report = run_flow(cfg)
     masks = Artifact(**report["masks"])
     stored = json.loads((Path(masks.path) / REPORT_FILE).read_text())
