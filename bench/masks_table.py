@@ -49,7 +49,7 @@ def row_config(args: argparse.Namespace, method: str, pattern: str):
                         eval_windows=windows)
     nm = pattern if ":" in pattern else None
     prune = PruneConfig(method=method, sparsity=0.0 if nm else float(pattern), pattern=nm,
-                        mask_inputs=args.mask_inputs)
+                        mask_inputs=args.mask_inputs, layer_sparsity="uniform")  # the paper's
     return RunConfig(dense=dense, prune=prune, finetune="none")
 
 

@@ -1,9 +1,9 @@
-"""Recovery options against the default, decided on held-out data (issue 22's protocol).
+"""Recovery options against the recipe before them, decided on held-out data (issue 22).
 
     EBFT_DATA_DIR=../shared/data python bench/recovery.py --work /tmp/recovery \
-        --variants default,nmse --seeds 0,1 [--val-windows 32] [--c4-windows 16]
+        --variants previous,nmse,default --seeds 0,1 [--val-windows 32] [--c4-windows 16]
 
-Each variant is `ebft run` with a few flags (``VARIANTS``) on one store, so the calibration,
+Each variant is `ebft run` with its flags (``VARIANTS``) on one store, so the calibration,
 the dense capture and the masks of a seed are computed once and shared. Each variant is
 measured on the Wikitext-2 **validation** split and on held-out C4 documents (never
 calibration data), never on the test split; ``--eval-data wikitext2 --val-windows all``
@@ -25,34 +25,33 @@ from pathlib import Path
 from end_to_end import timed_run
 from results_file import write_results
 
-# name -> the flags of `ebft run` that differ from the default run
+# The default recipe before issue 22, as flags. Every option is measured as it plus a few
+# flags, so a variant's name keeps its meaning when the defaults change; "default" is
+# whatever the code's defaults are now.
+PREVIOUS = ["--layer-sparsity", "uniform", "--remask", "off", "--train-batch-size", "2",
+            "--lr", "1e-3"]
+OWL_REMASK_BATCH1 = ["--layer-sparsity", "owl", "--remask", "on", "--train-batch-size", "1"]
+
+# name -> every flag of `ebft run` that differs from today's defaults
 VARIANTS: dict[str, list[str]] = {
     "default": [],
-    "nmse": ["--loss", "nmse"],
-    "cosine": ["--schedule", "cosine", "--warmup", "0.1"],
-    "lr2e-3": ["--lr", "2e-3"],
-    "lr5e-4": ["--lr", "5e-4"],
-    "no-clip": ["--max-grad-norm", "0"],
-    "dense-block": ["--target", "dense-block"],
-    "epochs4": ["--epochs", "4"],
-    "nmse-lr2e-3": ["--loss", "nmse", "--lr", "2e-3"],
-    "batch1": ["--train-batch-size", "1"],
-    "sublayers": ["--window", "sublayers"],
-    "remask": ["--remask"],
-    "owl": ["--layer-sparsity", "owl"],
-    "owl-remask": ["--layer-sparsity", "owl", "--remask"],
-    "owl-remask-batch1": ["--layer-sparsity", "owl", "--remask", "--train-batch-size", "1"],
-    "owl0.15-remask": ["--layer-sparsity", "owl", "--owl-limit", "0.15", "--remask"],
-    "generated": ["--calibration", "generated"],
-    "batch1-lr2e-3": ["--train-batch-size", "1", "--lr", "2e-3"],
-    "owl-remask-batch1-lr2e-3": ["--layer-sparsity", "owl", "--remask", "--train-batch-size", "1",
-                                 "--lr", "2e-3"],
-    "owl-remask-batch1-lr4e-3": ["--layer-sparsity", "owl", "--remask", "--train-batch-size", "1",
-                                 "--lr", "4e-3"],
-    "owl-remask-batch1-norms": ["--layer-sparsity", "owl", "--remask", "--train-batch-size", "1",
-                                "--train-norms"],
-    "owl-remask-batch1-generated": ["--layer-sparsity", "owl", "--remask",
-                                    "--train-batch-size", "1", "--calibration", "generated"],
+    "previous": PREVIOUS,
+    "nmse": [*PREVIOUS, "--loss", "nmse"],
+    "cosine": [*PREVIOUS, "--schedule", "cosine", "--warmup", "0.1"],
+    "lr2e-3": [*PREVIOUS, "--lr", "2e-3"],
+    "lr5e-4": [*PREVIOUS, "--lr", "5e-4"],
+    "no-clip": [*PREVIOUS, "--max-grad-norm", "0"],
+    "dense-block": [*PREVIOUS, "--target", "dense-block"],
+    "epochs4": [*PREVIOUS, "--epochs", "4"],
+    "batch1": [*PREVIOUS, "--train-batch-size", "1"],
+    "sublayers": [*PREVIOUS, "--window", "sublayers"],
+    "remask": [*PREVIOUS, "--remask", "on"],
+    "owl": [*PREVIOUS, "--layer-sparsity", "owl"],
+    "owl-remask": [*PREVIOUS, "--layer-sparsity", "owl", "--remask", "on"],
+    "owl-remask-batch1": [*PREVIOUS, *OWL_REMASK_BATCH1],
+    "owl-remask-batch1-lr2e-3": [*PREVIOUS, *OWL_REMASK_BATCH1, "--lr", "2e-3"],  # = default
+    "owl-remask-batch1-lr4e-3": [*PREVIOUS, *OWL_REMASK_BATCH1, "--lr", "4e-3"],
+    "generated": [*PREVIOUS, "--calibration", "generated"],
 }
 
 
@@ -72,8 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def gap_closed(ppl: dict, reference: float | None = None) -> float | None:
-    """The share of the gap between dense and ``reference`` (the uniform default mask's
-    pruned perplexity; default: this run's own pruned model) that the recovery closes."""
+    """The share of the gap between dense and ``reference`` (the uniform Wanda mask's pruned
+    perplexity, i.e. the "previous" row's; default: this run's own pruned model) that the
+    recovery closes."""
     dense, recovered = ppl["dense"], ppl.get("finetuned")
     pruned = reference or ppl["pruned"]
     if recovered is None or pruned <= dense:
@@ -96,7 +96,7 @@ def measure(args: argparse.Namespace, variant: str, seed: str, eval_data: str) -
 
 def table(results: dict, eval_sets: list[str], seeds: list[str] | None = None) -> str:
     """One row per variant: pruned and recovered perplexity, and the gap closed against the
-    default mask's pruned model of the same seed; mean (± sd) over ``seeds`` (all: None),
+    uniform mask's pruned model ("previous") of the same seed; mean (± sd) over ``seeds`` (all: None),
     so compare rows measured on the same seeds."""
     if seeds is not None:
         results = {v: {s: r for s, r in by_seed.items() if s in seeds}
@@ -107,7 +107,7 @@ def table(results: dict, eval_sets: list[str], seeds: list[str] | None = None) -
     lines = [head + " | EBFT s |", "|---" * (3 * len(eval_sets) + 2) + "|"]
     for variant, by_seed in results.items():
         mask_flags = variant.rsplit(" ", 1)[0] if " " in variant else ""
-        reference = results.get(f"{mask_flags} default".strip(), {})
+        reference = results.get(f"{mask_flags} previous".strip(), {})
         cells = []
         for e in eval_sets:
             runs = [(seed, r[e]) for seed, r in by_seed.items() if e in r]

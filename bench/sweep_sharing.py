@@ -92,8 +92,13 @@ def run_alone(report: dict, models: Path) -> float:
                    "--seqlen", str(dense["seqlen"]), "--eval-windows",
                    str(dense["eval_windows"] or "all"), "--method", prune["method"],
                    "--sparsity", str(prune["sparsity"]), "--finetune", cfg["finetune"],
-                   "--epochs", str(train["max_epochs"]),
-                   "--train-batch-size", str(train["batch_size"])]
+                   "--layer-sparsity", prune["layer_sparsity"]]
+        if cfg["finetune"] == "ebft":  # the other recoveries refuse EBFT's flags
+            command += ["--epochs", str(train["max_epochs"]), "--tune", train["tune"],
+                        "--train-batch-size", str(train["batch_size"]),
+                        "--remask", "on" if train["remask"] else "off"]
+            command += ["--lr", str(train["lr"])] if train["tune"] == "weights" else \
+                ["--mask-lr", str(train["mask_lr"])]
         if prune["pattern"]:
             command += ["--pattern", prune["pattern"]]
         started = time.monotonic()

@@ -38,7 +38,7 @@ def option(group, flag: str, path: str, help: str, none: str = "none", **kwargs)
     default = defaults()[path]
     shown = ("all" if path.endswith("windows") else none) if default is None else default
     if "action" not in kwargs:
-        kwargs["metavar"] = path.rsplit(".", 1)[-1].upper()
+        kwargs.setdefault("metavar", path.rsplit(".", 1)[-1].upper())
     if isinstance(shown, bool):
         shown = "on" if shown else "off"
     if isinstance(shown, tuple):
@@ -112,8 +112,8 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
            "sequential (pruned path) or dense (shared dense capture)")
     option(prune, "--layer-sparsity", "prune.layer_sparsity",
            "uniform (every block at --sparsity), owl (OWL: blocks with more outlier "
-           "weights pruned less, the mean kept), or auto (owl for unstructured sparsity, "
-           "else uniform)")
+           "weights pruned less, the mean kept), or auto (owl for unstructured sparsity "
+           "where its spread fits, else uniform)")
     option(prune, "--owl-threshold", "prune.owl_threshold",
            "OWL's M: a score above M times its block's mean is an outlier")
     option(prune, "--owl-limit", "prune.owl_limit",
@@ -154,8 +154,9 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
     option(tune, "--remask", "train.remask",
            "on: choose each block's mask again on the fine-tuned blocks' outputs just before "
            "training it (pruning and reconstruction alternate block by block); off: train "
-           "on the mask stage's masks; auto: on with sequential block inputs and masks of "
-           "single weights", none="auto", nargs="?", const="on", metavar="on|off|auto")
+           "on the mask stage's masks; auto: on for EBFT with sequential block and mask "
+           "inputs and masks of single weights", none="auto", nargs="?", const="on",
+           metavar="on|off|auto")
     option(tune, "--block-inputs", "train.block_inputs",
            "sequential (each block on the outputs of the fine-tuned blocks before it, as "
            "the paper) or dense (on the dense model's, from the capture: the blocks are "
@@ -416,6 +417,20 @@ def _dense(args: argparse.Namespace) -> int:
     return 0
 
 
+def why_no_owl(prune) -> str:
+    """Why OWL does not run for these mask settings (it was not asked for, or cannot)."""
+    from stages.masks import is_structured
+
+    if prune.layer_sparsity == "uniform":
+        return "--layer-sparsity uniform"
+    if prune.pattern:
+        return f"--pattern {prune.pattern} fixes every block's sparsity"
+    if is_structured(prune.method):
+        return f"--method {prune.method} removes whole heads and channels"
+    return (f"its spread, 2 x --owl-limit {prune.owl_limit:g}, does not fit inside --sparsity "
+            f"{prune.sparsity:g} and 1 - it, so auto keeps every block at --sparsity")
+
+
 def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
     """A setting the configuration would silently ignore is an error naming it."""
     from flows.config import settled
@@ -449,8 +464,7 @@ def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
                                        f"{cfg.prune.method} does not run it")
     if settled(cfg).prune.layer_sparsity != "owl":
         refuse(("prune.owl_threshold", "prune.owl_limit"),
-               "they set OWL, and OWL is not used (--layer-sparsity uniform, --pattern, or a "
-               "structured method)")
+               f"they set OWL, and OWL does not run: {why_no_owl(cfg.prune)}")
     if is_structured(cfg.prune.method):
         refuse(("prune.mask_inputs",), f"--method {cfg.prune.method} scores every block on "
                                        "the dense capture")

@@ -5,7 +5,9 @@ The dataclasses here (and the two they hold from ``stages``: ``TrainConfig`` and
 finish in about 15 minutes on a 2-core CPU. A preset is a partial configuration: a few
 ``section.field`` values put over the defaults. The CLI's flags and ``--set
 section.field=value`` are overrides applied last (``override``), and a deployment in
-``prefect.yaml`` gives the same structure as YAML. Nothing else holds a default.
+``prefect.yaml`` gives the same structure as YAML. Nothing else holds a default. A few
+fields default to "auto" (OWL block sparsities, re-masking): ``settled`` decides them from
+the rest of the configuration before any stage runs, and the report shows the decision.
 """
 
 import dataclasses
@@ -131,13 +133,22 @@ def settled(cfg: RunConfig) -> RunConfig:
     ``prepare`` refuses one that does not apply."""
     prune, train = cfg.prune, cfg.train
     if prune.layer_sparsity == "auto":
-        owl_fits = (prune.pattern is None and not is_structured(prune.method)
-                    and 2 * prune.owl_limit < min(prune.sparsity, 1 - prune.sparsity))
-        prune = replace(prune, layer_sparsity="owl" if owl_fits else "uniform")
-    if train.remask is None:
-        train = replace(train, remask=train.block_inputs == "sequential"
+        prune = replace(prune, layer_sparsity="owl" if owl_applies(prune) else "uniform")
+    if train.remask is None:  # EBFT on sequential block inputs, masks chosen on them too
+        train = replace(train, remask=cfg.finetune == "ebft"
+                        and train.block_inputs == "sequential"
+                        and prune.mask_inputs == "sequential"
                         and not is_structured(prune.method))
     return replace(cfg, prune=prune, train=train)
+
+
+def owl_applies(prune) -> bool:
+    """OWL varies one unstructured sparsity by block: not N:M, not whole heads and channels,
+    and only where its spread keeps every block's sparsity inside (0, 1)."""
+    from stages.masks import owl
+
+    return (prune.pattern is None and not is_structured(prune.method)
+            and owl.fits(prune.sparsity, prune.owl_limit))
 
 
 def override(cfg: Any, values: dict[str, Any]) -> Any:
@@ -170,7 +181,9 @@ def _set(obj: Any, parts: list[str], value: Any, path: str) -> Any:
 def convert(raw: str, hint: Any, name: str) -> Any:
     """A command-line string as a value of the field's type (bool: on/off, true/false)."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if type(None) in options and raw.lower() in ("none", "null", "all", "auto"):
+    if type(None) in options and raw.lower() in ("none", "null", "all"):
+        return None
+    if options == (bool, type(None)) and raw.lower() == "auto":  # on, off, or decided
         return None
     target = next(t for t in options if t is not type(None))
     try:

@@ -72,7 +72,7 @@ def run_fails(capsys, model, data_dir, store: Path, *flags: str) -> str:
     (["--owl-threshold", "3", "--pattern", "2:4"], "--owl-threshold would be ignored"),
     (["--remask", "maybe"], "--remask 'maybe': not on, off or auto"),
     (["--layer-sparsity", "owl", "--owl-limit", "0.6"], "--owl-limit 0.6: must be >= 0"),
-    (["--layer-sparsity", "bimodal"], "--layer-sparsity 'bimodal': choose uniform or owl"),
+    (["--layer-sparsity", "bimodal"], "--layer-sparsity 'bimodal': choose auto, uniform or owl"),
 ])
 def test_bad_flags(tmp_path, tiny_model, data_dir, capsys, flags, message):
     err = run_fails(capsys, tiny_model, data_dir, tmp_path / "store", *flags)

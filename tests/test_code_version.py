@@ -128,3 +128,11 @@ def test_editing_a_helper_changes_the_keys_of_the_stages_that_call_it(tmp_path):
     assert changed_by("stages/inputs/calibration.py", "gen = torch.Generator().manual_seed(seed)",
                       "gen = torch.Generator().manual_seed(seed + 0)") == \
         set(before) - {"perplexity", "zeroshot"}
+    # the input statistics the capture records and the masks score with: both keys change
+    assert {"capture", "masks wanda", "masks sparsegpt"} <= changed_by(
+        "stages/model/layer_stats.py", "self.count += len(x)", "self.count += len(x) + 0")
+    # the mask methods' shared maths: never the dense capture (the costliest artifact)
+    assert "capture" not in changed_by(
+        "stages/masks/core.py", "def keep_from_scores(scores: torch.Tensor, pattern: Pattern, "
+        "per_row: bool) -> torch.Tensor:", "def keep_from_scores(scores: torch.Tensor, "
+        "pattern: Pattern, per_row: bool) -> torch.Tensor:\n    scores = scores")

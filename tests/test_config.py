@@ -115,6 +115,8 @@ def test_auto_choices_settle_from_the_rest_of_the_configuration():
     assert choices(**{"prune.pattern": "2:4"}) == ("uniform", True)
     assert choices(**{"prune.method": "flap", "prune.sparsity": 0.2}) == ("uniform", False)
     assert choices(**{"train.block_inputs": "dense"}) == ("owl", False)
+    assert choices(**{"prune.mask_inputs": "dense"}) == ("owl", False)
+    assert choices(finetune="none") == ("owl", False)
     assert choices(**{"prune.sparsity": 0.9}) == ("uniform", True)  # 2 x 0.08 > 1 - 0.9
     assert choices(**{"prune.layer_sparsity": "uniform", "train.remask": "off"}) == \
         ("uniform", False)

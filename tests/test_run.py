@@ -23,7 +23,9 @@ from stages.recovery.block_training import NonFiniteLoss, TrainConfig
 def config(store: Path, model: Path, data_dir: Path, **overrides) -> RunConfig:
     dense = DenseConfig(model=str(model), store=str(store), data_dir=str(data_dir), nsamples=8,
                         seqlen=64, eval_seqlen=64, eval_windows=2, batch_size=4)
-    train = TrainConfig(lr=1e-3, batch_size=2, max_epochs=3, tolerance=0.0, holdout=0.25)
+    # plain EBFT on the mask stage's masks (re-masking, a default, has its own tests)
+    train = TrainConfig(lr=1e-3, batch_size=2, max_epochs=3, tolerance=0.0, holdout=0.25,
+                        remask=False)
     prune = PruneConfig("wanda", 0.5, layer_sparsity="uniform")  # every layer at 0.5
     return replace(RunConfig(dense=dense, prune=prune, train=train),
                    **overrides)
@@ -358,14 +360,16 @@ def test_no_block_task_loads_the_whole_model(prefect_server, tmp_path, model, da
 
 def test_remask_alternates_pruning_and_reconstruction_at_owl_sparsities(
         tmp_path, model, data_dir, prefect_server):
-    """--remask: each block's mask is chosen again on the fine-tuned blocks' outputs, at the
-    block's own (OWL) sparsity; block 0 sees the embeddings either way, so its mask is the
-    mask stage's; later blocks' masks move."""
+    """--remask (the default, auto, turns it on here): each block's mask is chosen again on
+    the fine-tuned blocks' outputs, at the block's own (OWL) sparsity; block 0 sees the
+    embeddings either way, so its mask is the mask stage's; later blocks' masks move."""
     prune = PruneConfig("wanda", 0.5, layer_sparsity="owl", owl_threshold=2.0, owl_limit=0.1)
     cfg = config(tmp_path / "store", model, data_dir, prune=prune)
     stage_only = run_flow(replace(cfg, finetune="none"))
-    remasked = run_flow(replace(cfg, train=replace(cfg.train, remask=True)))
+    remasked = run_flow(replace(cfg, train=replace(cfg.train, remask=None)))
     assert remasked["states"]["masks"] == "Cached"  # the mask stage is shared
+    report = json.loads(Path(remasked["report_path"]).read_text())
+    assert report["config"]["train"]["remask"] is True  # auto, settled before any stage
     blocks = remasked["mask_report"]["layer_sparsity"]["block_sparsity"]
     assert len(set(blocks)) > 1 and sum(blocks) / len(blocks) == pytest.approx(0.5, abs=1e-5)
     a = linear_weights(stage_only["model_folder"])

@@ -23,7 +23,8 @@ def base_config(store: Path, model: Path, data_dir: Path) -> RunConfig:
                         seqlen=64, eval_seqlen=64, eval_windows=2, batch_size=4)
     cfg = RunConfig(dense=dense)  # the paper's tables: every block at the same sparsity
     return replace(cfg, prune=replace(cfg.prune, layer_sparsity="uniform"),
-                   train=replace(cfg.train, batch_size=2, max_epochs=1, holdout=0.25, lr=1e-3))
+                   train=replace(cfg.train, batch_size=2, max_epochs=1, holdout=0.25, lr=1e-3,
+                                 remask=False))
 
 
 def test_the_grid_expands_to_every_configuration():

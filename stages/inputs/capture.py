@@ -12,6 +12,7 @@ cost no pass of their own.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,8 +22,7 @@ from safetensors.torch import save_file
 
 import stages.model.architecture as arch
 import store.activations as acts
-from stages.masks.block_stats import StatsRecorder
-from stages.masks.stats import LayerStats
+from stages.model.layer_stats import LayerStats, StatsRecorder
 from stages.model.model_source import ModelSource
 from stages.model.streaming import BlockLoader
 from stages.progress import Progress
@@ -71,8 +71,10 @@ def capture_dense(loader: BlockLoader, tokens: torch.Tensor, out: Path, device: 
     save_file(stats, str(out.parent / STATS_NAME))
 
 
-def input_stats(activations: Artifact, block: int, names) -> dict[str, LayerStats]:
-    """The dense model's input statistics of block ``block``'s linear layers ``names``."""
+def input_stats(activations: Artifact, block: int,
+                names: Iterable[str]) -> dict[str, LayerStats]:
+    """The dense model's input statistics of block ``block``'s linear layers ``names``, as
+    the capture recorded them: the dense block on the dense inputs, with no pass of its own."""
     with safe_open(str(Path(activations.path) / STATS_NAME), "pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()  # noqa: SIM118 (not a dict)
                    if key.startswith(f"{block}.")}

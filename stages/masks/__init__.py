@@ -28,7 +28,7 @@ from stages.masks.core import (
     sparsify,
     split_method,
 )
-from stages.masks.stats import LayerStats
+from stages.model.layer_stats import LayerStats
 
 for _module in pkgutil.iter_modules([f"{__path__[0]}/methods"]):
     importlib.import_module(f"{__name__}.methods.{_module.name}")

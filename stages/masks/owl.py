@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.masks.stats import LayerStats
+from stages.model.layer_stats import LayerStats
 
 
 def outlier_ratio(scores: list[torch.Tensor], threshold: float) -> float:
@@ -27,6 +27,12 @@ def outlier_ratio(scores: list[torch.Tensor], threshold: float) -> float:
     total = sum(s.numel() for s in scores)
     mean = sum(float(s.double().sum()) for s in scores) / total
     return sum(int((s > threshold * mean).sum()) for s in scores) / total
+
+
+def fits(sparsity: float, limit: float) -> bool:
+    """Whether every block's sparsity stays inside (0, 1): one block can sit up to 2·limit
+    from the target (when it alone stands out), on either side."""
+    return 0 <= 2 * limit < min(sparsity, 1 - sparsity)
 
 
 def owl_sparsities(ratios: list[float], target: float, limit: float) -> list[float]:

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 import stages.model.architecture as arch
 import store.activations as acts
-from stages.inputs.capture import ZARR_NAME
+from stages.inputs.capture import ZARR_NAME, input_stats
 from stages.masks import (
     MaskMethod,
     Pattern,
@@ -112,7 +112,7 @@ def validate(spec: MaskSpec) -> None:
         raise UserError(f"--method {spec.method} removes whole heads and channels: give "
                         f"--sparsity (the fraction of block weights), not --pattern")
     if spec.layer_sparsity not in ("uniform", "owl"):
-        raise UserError(f"--layer-sparsity {spec.layer_sparsity!r}: choose uniform or owl")
+        raise UserError(f"--layer-sparsity {spec.layer_sparsity!r}: choose auto, uniform or owl")
     if spec.layer_sparsity == "owl":
         if spec.pattern or spec.structured:
             raise UserError("--layer-sparsity owl varies the unstructured sparsity of each "
@@ -120,9 +120,7 @@ def validate(spec: MaskSpec) -> None:
                             f"{spec.pattern or spec.method} fixes it: use one of the two")
         if spec.owl_threshold <= 0:
             raise UserError(f"--owl-threshold {spec.owl_threshold}: must be positive")
-        # a block's sparsity can be up to 2 x limit from the target (one block far from
-        # all the others): keep every block inside (0, 1)
-        if not 0 <= 2 * spec.owl_limit < min(spec.sparsity, 1 - spec.sparsity):
+        if not owl_module().fits(spec.sparsity, spec.owl_limit):
             raise UserError(f"--owl-limit {spec.owl_limit}: must be >= 0 and under half the "
                             f"distance from --sparsity {spec.sparsity} to 0 and to 1, so every "
                             "block's sparsity stays inside (0, 1)")
@@ -267,8 +265,6 @@ def build(spec: MaskSpec, out: Path, model: ModelSource, activations: Artifact,
 def layer_sparsities(spec: MaskSpec, loader: BlockLoader, activations: Artifact) -> dict:
     """Each block's sparsity: the target everywhere, or OWL's (from the dense model's input
     statistics, which the capture recorded)."""
-    from stages.inputs.capture import input_stats
-
     target = spec.parsed_pattern().sparsity
     if spec.layer_sparsity == "uniform":
         return {"rule": "uniform", "block_sparsity": [target] * loader.n_blocks}

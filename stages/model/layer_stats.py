@@ -1,6 +1,13 @@
-"""Calibration statistics of one linear layer's inputs, accumulated batch by batch."""
+"""Statistics of a block's linear layers' inputs over the calibration set, accumulated batch
+by batch by forward hooks: what every mask method scores with (norms for Wanda and RIA, mean
+and variance for DSnoT and FLAP, Hessians for SparseGPT) and what OWL weighs blocks by.
+
+Here, not in ``stages.masks``, because the dense capture records them too: a stage's code
+version covers what it imports, and the capture must not depend on the mask methods."""
 
 from __future__ import annotations
+
+from typing import Self
 
 import torch
 
@@ -36,6 +43,7 @@ class LayerStats:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> LayerStats:
+        """The statistics ``to_tensors`` saved: a later stage scores with them, no pass."""
         stats = cls(len(tensors[f"{prefix}.sum"]))
         stats.count = int(tensors[f"{prefix}.count"])
         stats.sum, stats.sumsq = tensors[f"{prefix}.sum"], tensors[f"{prefix}.sumsq"]
@@ -49,3 +57,43 @@ class LayerStats:
         if self.hessian is not None:
             stats["hessian"] = self.hessian
         return stats
+
+
+class StatsRecorder:
+    """Forward hooks on a block's linear layers that add each batch's inputs to their
+    ``LayerStats``, whatever runs the block (the mask stage's pass, or the dense capture's).
+
+    Layers fed the very same tensor (q/k/v, gate/up) share one accumulator, so the Hessian
+    of a shared input is computed once. Call ``next_batch()`` before each batch.
+    """
+
+    def __init__(self, linears: dict, hessian: bool) -> None:
+        self.linears, self.hessian = linears, hessian
+        self.stats: dict[str, LayerStats] = {}
+        self._this_batch: list[tuple[torch.Tensor, LayerStats]] = []
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def record(_module, args):
+            x = args[0]
+            for seen, acc in self._this_batch:
+                if seen is x:
+                    self.stats.setdefault(name, acc)
+                    return
+            acc = self.stats.setdefault(name, LayerStats(x.shape[-1], self.hessian, x.device))
+            acc.add(x)
+            self._this_batch.append((x, acc))
+        return record
+
+    def next_batch(self) -> None:
+        self._this_batch.clear()
+
+    def __enter__(self) -> Self:
+        self._handles = [m.register_forward_pre_hook(self._hook(n))
+                         for n, m in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._this_batch.clear()
