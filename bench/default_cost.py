@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         stages = " | ".join(f"{run['stages'][s]['seconds']:.1f}" for s in STAGES)
         ppl = " / ".join(f"{run['perplexity'][k]:.3f}" for k in ("dense", "pruned", "finetuned"))
         print(f"| {name} | {run['wall_s']} | {run['wall_s'] / base:.2f}x | {stages} | {ppl} |")
+    print("\n".join(runs["default"]["summary"]))
     write_results(args.out, {"runs": runs})
     return 0
 

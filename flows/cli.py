@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ebft: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from stages.recovery.handover import HANDOVER
+
+        HANDOVER.stop()  # so that no background thread keeps the process from exiting
         print(f"\nebft: interrupted. {_finished_so_far()} Run the same command again to resume "
               "from there.", file=sys.stderr)
         return 130

@@ -89,5 +89,13 @@ class Handover:
         for future in reads.values():
             future.cancel()
 
+    def stop(self) -> None:
+        """On an interrupt: end both background threads after their current item. Ctrl-C can
+        land while a worker thread is being started, before its executor registers it for
+        the interpreter's exit; that thread would wait for work forever and the process
+        would never exit. ``shutdown`` wakes it whatever state it is in."""
+        for executor in (self._writer, self._reader):
+            executor.shutdown(wait=False, cancel_futures=True)
+
 
 HANDOVER = Handover()
