@@ -420,23 +420,9 @@ def _dense(args: argparse.Namespace) -> int:
     return 0
 
 
-def why_no_owl(prune) -> str:
-    """Why OWL does not run for these mask settings (it was not asked for, or cannot)."""
-    from stages.masks import is_structured
-
-    if prune.layer_sparsity == "uniform":
-        return "--layer-sparsity uniform"
-    if prune.pattern:
-        return f"--pattern {prune.pattern} fixes every block's sparsity"
-    if is_structured(prune.method):
-        return f"--method {prune.method} removes whole heads and channels"
-    return (f"its spread, 2 x --owl-limit {prune.owl_limit:g}, does not fit inside --sparsity "
-            f"{prune.sparsity:g} and 1 - it, so auto keeps every block at --sparsity")
-
-
 def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
     """A setting the configuration would silently ignore is an error naming it."""
-    from flows.config import settled
+    from flows.config import settled, why_no_owl
     from stages.masks import METHODS, is_structured
 
     def refuse(paths, why: str) -> None:

@@ -133,7 +133,8 @@ def settled(cfg: RunConfig) -> RunConfig:
     ``prepare`` refuses one that does not apply."""
     prune, train = cfg.prune, cfg.train
     if prune.layer_sparsity == "auto":
-        prune = replace(prune, layer_sparsity="owl" if owl_applies(prune) else "uniform")
+        owl = why_no_owl(replace(prune, layer_sparsity="owl")) is None
+        prune = replace(prune, layer_sparsity="owl" if owl else "uniform")
     if train.remask is None:  # EBFT on sequential block inputs, masks chosen on them too
         train = replace(train, remask=cfg.finetune == "ebft"
                         and train.block_inputs == "sequential"
@@ -142,13 +143,23 @@ def settled(cfg: RunConfig) -> RunConfig:
     return replace(cfg, prune=prune, train=train)
 
 
-def owl_applies(prune) -> bool:
-    """OWL varies one unstructured sparsity by block: not N:M, not whole heads and channels,
-    and only where its spread keeps every block's sparsity inside (0, 1)."""
+def why_no_owl(prune) -> str | None:
+    """Why OWL does not run for these mask settings, or None where it can. It varies one
+    unstructured sparsity by block: not N:M, not whole heads and channels, and only where
+    its spread keeps every block's sparsity inside (0, 1)."""
     from stages.masks import owl
 
-    return (prune.pattern is None and not is_structured(prune.method)
-            and owl.fits(prune.sparsity, prune.owl_limit))
+    if prune.layer_sparsity == "uniform":
+        return "--layer-sparsity uniform"
+    if prune.pattern:
+        return f"--pattern {prune.pattern} fixes every block's sparsity"
+    if is_structured(prune.method):
+        return f"--method {prune.method} removes whole heads and channels"
+    if not owl.fits(prune.sparsity, prune.owl_limit):
+        return (f"its spread, 2 x --owl-limit {prune.owl_limit:g}, does not fit inside "
+                f"--sparsity {prune.sparsity:g} and 1 - it, so auto keeps every block at "
+                "--sparsity")
+    return None
 
 
 def override(cfg: Any, values: dict[str, Any]) -> Any:
