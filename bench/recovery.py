@@ -52,6 +52,13 @@ VARIANTS: dict[str, list[str]] = {
     "owl-remask-batch1-lr2e-3": [*PREVIOUS, *OWL_REMASK_BATCH1, "--lr", "2e-3"],  # = default
     "owl-remask-batch1-lr4e-3": [*PREVIOUS, *OWL_REMASK_BATCH1, "--lr", "4e-3"],
     "generated": [*PREVIOUS, "--calibration", "generated"],
+    # third round, each on today's defaults
+    "train-norms": ["--train-norms"],
+    "n32-e1": ["--nsamples", "32", "--epochs", "1"],
+    "owl-limit0.12": ["--owl-limit", "0.12"],
+    "owl-limit0.04": ["--owl-limit", "0.04"],
+    "warmup": ["--warmup", "0.05"],
+    "cosine-now": ["--schedule", "cosine"],
 }
 
 
