@@ -64,7 +64,7 @@ def timed_run(flags: list[str]) -> dict:
     return {"wall_s": round(time.monotonic() - start, 1),
             "peak_rss_mb": round(peak / 2**20), "stages": stages,
             "perplexity": perplexity, "ebft_time": report.get("ebft_time"),
-            "blocks": report.get("blocks") or [],
+            "blocks": report.get("blocks") or [], "report": path,
             "summary": out.strip().splitlines()[-30:]}  # the run's printed summary
 
 

@@ -132,3 +132,26 @@ def test_every_recovery_plots_tabulates_and_names_itself(tmp_path):
                         finetunes=tuple(RECOVERIES))
     for name, cfg in zip(RECOVERIES, expand(sweep), strict=True):
         assert recovery_of(cfg.prune.method, cfg.finetune, cfg.train.tune).name == name
+
+
+def test_a_store_with_two_recipes_of_one_cell_shows_both():
+    """`ebft report` over a store that holds the same method and sparsity at two recipes
+    used to show one of them as the only one; each now gets a row named by what differs."""
+    def row(ppl: float, layer_sparsity: str, remask: bool, lr: float = 2e-3) -> dict:
+        settings = {"prune.layer_sparsity": layer_sparsity, "train.remask": remask,
+                    "train.lr": lr, "dense.seed": 0}
+        return {"model": "m", "method": "wanda", "finetune": "ebft", "sparsity": "50%",
+                "nsamples": 16, "structured": False, "ppl": ppl, "dense_ppl": 9.0,
+                "config": json.dumps(settings, sort_keys=True)}
+
+    rows = pd.DataFrame([row(12.0, "owl", True), row(13.0, "uniform", False),
+                         row(11.0, "owl", True) | {"sparsity": "2:4"}])
+    rows = rows.assign(recipe=reports.recipes(rows))
+    assert list(rows["recipe"]) == ["layer_sparsity=owl, remask=True",
+                                    "layer_sparsity=uniform, remask=False", ""]
+    table = reports.perplexity_table(rows, structured=False)
+    assert table["50%"].to_dict() == {
+        "Dense": 9.0, "Wanda w. EBFT [layer_sparsity=owl, remask=True]": 12.0,
+        "Wanda w. EBFT [layer_sparsity=uniform, remask=False]": 13.0}
+    assert list(reports.perplexity_table(rows, structured=True).index) == ["Dense",
+                                                                           "Wanda w. EBFT"]

@@ -21,6 +21,10 @@ from stages.masks import is_structured
 from stages.recovery.recoveries import RECOVERIES, recovery_of
 
 FINETUNE_ORDER = list(RECOVERIES)
+# what a table's rows and columns already say (or what changes no number: where files live)
+CELL = ("model", "method", "finetune", "sparsity", "nsamples")
+NOT_RECIPE = {"prune.method", "prune.sparsity", "prune.pattern", "finetune", "train.tune",
+              "dense.model", "dense.nsamples", "dense.store", "dense.data_dir", "runner"}
 
 
 def flatten(report: dict) -> dict:
@@ -48,6 +52,9 @@ def flatten(report: dict) -> dict:
                                                                 if refine else 0.0)),
         "finetune_data": lora["data"] if lora else "",
         "wall_seconds": report["wall_seconds"], "report": report.get("report_path", ""),
+        "layer_sparsity": cfg["prune"]["layer_sparsity"], "remask": cfg["train"]["remask"],
+        "seed": cfg["dense"]["seed"], "lr": cfg["train"]["lr"],
+        "config": json.dumps(_settings(cfg), sort_keys=True, default=str),
     }
     zeroshot = report.get("zeroshot") or {}
     final_zs = zeroshot.get("finetuned") or zeroshot.get("pruned")
@@ -61,9 +68,42 @@ def flatten(report: dict) -> dict:
     return row
 
 
+def _settings(section: dict, prefix: str = "") -> dict:
+    """A report's configuration as ``{"train.lr": 0.002, ...}``, less what ``NOT_RECIPE``
+    names."""
+    out = {}
+    for name, value in section.items():
+        key = f"{prefix}{name}"
+        if key in NOT_RECIPE:
+            continue
+        if isinstance(value, dict):
+            out |= _settings(value, f"{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def recipes(rows: pd.DataFrame) -> list[str]:
+    """For each row, the settings that set it apart from other rows of the same table cell
+    (model, method, recovery, sparsity, calibration size), e.g. "layer_sparsity=uniform,
+    remask=False"; "" where a cell holds one row. Without this a store that holds two recipes
+    of one cell would show one of them as if it were the only one."""
+    labels = [""] * len(rows)
+    for _, group in rows.groupby(list(CELL), sort=False):
+        if len(group) < 2:
+            continue
+        settings = [json.loads(c) for c in group["config"]]
+        differ = sorted(k for k in set().union(*settings)
+                        if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1)
+        for position, s in zip(group.index, settings):
+            labels[position] = ", ".join(f"{k.rsplit('.', 1)[-1]}={s.get(k)}" for k in differ)
+    return labels
+
+
 def load_reports(paths: list[Path]) -> pd.DataFrame:
     rows = [flatten(json.loads(Path(p).read_text()) | {"report_path": str(p)}) for p in paths]
-    return sort_rows(pd.DataFrame(rows))
+    rows = pd.DataFrame(rows)
+    return sort_rows(rows.assign(recipe=recipes(rows)) if not rows.empty else rows)
 
 
 def _sparsity_order(label: str) -> tuple:
@@ -83,8 +123,14 @@ def sort_rows(rows: pd.DataFrame) -> pd.DataFrame:
     return order.drop(columns=["_s", "_f"]).reset_index(drop=True)
 
 
-def _row_label(method: str, finetune: str) -> str:
-    return f"{method.capitalize()} {RECOVERIES[finetune].label}".strip()
+def _row_label(method: str, finetune: str, recipe: str = "") -> str:
+    label = f"{method.capitalize()} {RECOVERIES[finetune].label}".strip()
+    return f"{label} [{recipe}]" if recipe else label
+
+
+def _recipe(rows: pd.DataFrame) -> pd.Series:
+    """The ``recipe`` column (rows built by hand in tests may lack it)."""
+    return rows["recipe"] if "recipe" in rows else pd.Series("", index=rows.index)
 
 
 def perplexity_table(rows: pd.DataFrame, structured: bool) -> pd.DataFrame:
@@ -95,8 +141,10 @@ def perplexity_table(rows: pd.DataFrame, structured: bool) -> pd.DataFrame:
         return pd.DataFrame()
     columns = sorted(part["sparsity"].unique(), key=_sparsity_order)
     table = {"Dense": {c: part["dense_ppl"].iloc[0] for c in columns}}
-    for (method, finetune), group in part.groupby(["method", "finetune"], sort=False):
-        table[_row_label(method, finetune)] = dict(zip(group["sparsity"], group["ppl"]))
+    part = part.assign(recipe=_recipe(part))
+    for (method, finetune, recipe), group in part.groupby(["method", "finetune", "recipe"],
+                                                          sort=False):
+        table[_row_label(method, finetune, recipe)] = dict(zip(group["sparsity"], group["ppl"]))
     out = pd.DataFrame.from_dict(table, orient="index")[columns]
     out.index.name = "method"
     return out
@@ -110,8 +158,8 @@ def zeroshot_table(rows: pd.DataFrame) -> pd.DataFrame:
     first = rows.iloc[0]
     table = {"Dense": {t[4:]: first.get(f"dense_{t}") for t in tasks}
              | {"mean": first.get("dense_acc_mean")}}
-    for _, row in rows.dropna(subset=["acc_mean"]).iterrows():
-        label = f"{_row_label(row['method'], row['finetune'])} ({row['sparsity']})"
+    for _, row in rows.assign(recipe=_recipe(rows)).dropna(subset=["acc_mean"]).iterrows():
+        label = f"{_row_label(row['method'], row['finetune'], row['recipe'])} ({row['sparsity']})"
         table[label] = {t[4:]: row[t] for t in tasks} | {"mean": row["acc_mean"]}
     out = pd.DataFrame.from_dict(table, orient="index")
     out.index.name = "model"
@@ -123,8 +171,11 @@ def tuning_table(rows: pd.DataFrame) -> pd.DataFrame:
     part = rows[rows["finetune"].isin(["none", "ebft", "mask"])]
     if not (part["finetune"] == "mask").any():
         return pd.DataFrame()
-    out = part.pivot_table(index=["method", "sparsity"], columns="finetune", values="ppl",
-                           aggfunc="first")
+    part = part.assign(recipe=_recipe(part))
+    out = part.pivot_table(index=["method", "sparsity", "recipe"], columns="finetune",
+                           values="ppl", aggfunc="first")
+    if not out.index.get_level_values("recipe").any():
+        out = out.droplevel("recipe")
     out = out.rename(columns={"none": "pruned", "ebft": "weights tuning", "mask": "mask tuning"})
     return out[[c for c in ("pruned", "weights tuning", "mask tuning") if c in out.columns]]
 
@@ -139,7 +190,8 @@ def structured_table(rows: pd.DataFrame) -> pd.DataFrame:
     out = part.assign(parameters=part["parameters"] / 1e6)[list(columns)].rename(columns=columns)
     if "acc_mean" in part:
         out["zero-shot mean"] = part["acc_mean"]
-    out.index = [_row_label(m, f) for m, f in zip(part["method"], part["finetune"])]
+    out.index = [_row_label(m, f, r)
+                 for m, f, r in zip(part["method"], part["finetune"], _recipe(part))]
     out.index.name = "method"
     first = part.iloc[0]
     dense = pd.DataFrame({"sparsity": "0%", "parameters (M)": first["parameters_total"] / 1e6,
@@ -154,8 +206,9 @@ def calibration_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Figure 2's data: perplexity vs. number of calibration samples, per configuration."""
     if rows["nsamples"].nunique() < 2:
         return pd.DataFrame()
-    labels = rows.apply(lambda r: f"{_row_label(r['method'], r['finetune'])} "
-                                  f"({r['sparsity']})", axis=1)
+    labels = rows.assign(recipe=_recipe(rows)).apply(
+        lambda r: f"{_row_label(r['method'], r['finetune'], r['recipe'])} ({r['sparsity']})",
+        axis=1)
     out = rows.assign(config=labels).pivot_table(index="nsamples", columns="config",
                                                  values="ppl", aggfunc="first")
     return out
