@@ -59,6 +59,8 @@ VARIANTS: dict[str, list[str]] = {
     "owl-limit0.04": ["--owl-limit", "0.04"],
     "warmup": ["--warmup", "0.05"],
     "cosine-now": ["--schedule", "cosine"],
+    "holdout0": ["--holdout", "0"],
+    "lr3e-3": ["--lr", "3e-3"],
 }
 
 
