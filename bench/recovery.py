@@ -61,6 +61,8 @@ VARIANTS: dict[str, list[str]] = {
     "cosine-now": ["--schedule", "cosine"],
     "holdout0": ["--holdout", "0"],
     "lr3e-3": ["--lr", "3e-3"],
+    "capped": ["--loss", "capped"],
+    "nmse-now": ["--loss", "nmse"],
 }
 
 

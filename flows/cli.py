@@ -132,7 +132,9 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
                       help="AdamW betas (default: 0.9 0.95)")
     option(tune, "--weight-decay", "train.weight_decay", "AdamW weight decay")
     option(tune, "--loss", "train.loss",
-           "mse (Eq. 4) or nmse (each token's squared error over its target's squared norm)")
+           "mse (Eq. 4), nmse (each token's squared error over its target's squared norm) "
+           "or capped (mse, tokens with outsized targets such as attention sinks weighed "
+           "as typical ones)")
     option(tune, "--schedule", "train.schedule", "learning-rate decay: linear, cosine, constant")
     option(tune, "--warmup", "train.warmup", "fraction of the steps spent warming the rate up")
     option(tune, "--max-grad-norm", "train.max_grad_norm",

@@ -118,6 +118,22 @@ def test_nmse_weighs_every_token_alike_and_mse_is_the_elementwise_mean():
     assert training.block_loss(only_big, target, "nmse").item() == pytest.approx(0.005)
 
 
+def test_capped_mse_weighs_an_outsized_token_as_a_typical_one():
+    target = torch.ones(1, 3, 4)
+    target[0, 0] *= 100  # the first token's massive activation (an attention sink)
+    small = target.clone()
+    small[0, 1, 0] += 0.5  # an error of 0.5 on one element of an ordinary token
+    assert training.block_loss(small, target, "capped").item() == pytest.approx(
+        training.block_loss(small, target, "mse").item())  # ordinary tokens: plain MSE
+    big = target.clone()
+    big[0, 0, 0] += 50.0  # the same relative error on the sink: 100x the absolute error
+    # MSE weighs it 10 000 times more; capped weighs it as the ordinary token's error
+    assert training.block_loss(big, target, "mse").item() == pytest.approx(
+        1e4 * training.block_loss(small, target, "mse").item())
+    assert training.block_loss(big, target, "capped").item() == pytest.approx(
+        training.block_loss(small, target, "capped").item())
+
+
 @pytest.mark.parametrize("schedule", training.SCHEDULES)
 def test_learning_rate_schedules_warm_up_then_decay(schedule):
     factors = [training.lr_factor(step, 100, schedule, 10) for step in range(100)]
