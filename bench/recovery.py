@@ -29,7 +29,8 @@ from results_file import write_results
 # flags, so a variant's name keeps its meaning when the defaults change; "default" is
 # whatever the code's defaults are now.
 PREVIOUS = ["--layer-sparsity", "uniform", "--remask", "off", "--train-batch-size", "2",
-            "--lr", "1e-3"]
+            "--lr", "1e-3", "--loss", "mse"]
+SECOND: list[str] = []  # today's defaults: the second round's (OWL, remask, batch 1, 2e-3)
 OWL_REMASK_BATCH1 = ["--layer-sparsity", "owl", "--remask", "on", "--train-batch-size", "1"]
 
 # name -> every flag of `ebft run` that differs from today's defaults
@@ -52,15 +53,15 @@ VARIANTS: dict[str, list[str]] = {
     "owl-remask-batch1-lr2e-3": [*PREVIOUS, *OWL_REMASK_BATCH1, "--lr", "2e-3"],  # = default
     "owl-remask-batch1-lr4e-3": [*PREVIOUS, *OWL_REMASK_BATCH1, "--lr", "4e-3"],
     "generated": [*PREVIOUS, "--calibration", "generated"],
-    # third round, each on today's defaults
-    "train-norms": ["--train-norms"],
-    "n32-e1": ["--nsamples", "32", "--epochs", "1"],
-    "owl-limit0.12": ["--owl-limit", "0.12"],
-    "owl-limit0.04": ["--owl-limit", "0.04"],
-    "warmup": ["--warmup", "0.05"],
-    "cosine-now": ["--schedule", "cosine"],
-    "holdout0": ["--holdout", "0"],
-    "lr3e-3": ["--lr", "3e-3"],
+    # third round, each on the second round's defaults
+    "train-norms": [*SECOND, "--train-norms"],
+    "n32-e1": [*SECOND, "--nsamples", "32", "--epochs", "1"],
+    "owl-limit0.12": [*SECOND, "--owl-limit", "0.12"],
+    "owl-limit0.04": [*SECOND, "--owl-limit", "0.04"],
+    "warmup": [*SECOND, "--warmup", "0.05"],
+    "cosine-now": [*SECOND, "--schedule", "cosine"],
+    "holdout0": [*SECOND, "--holdout", "0"],
+    "lr3e-3": [*SECOND, "--lr", "3e-3"],
     "capped": ["--loss", "capped"],
     "nmse-now": ["--loss", "nmse"],
 }

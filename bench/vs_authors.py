@@ -199,7 +199,7 @@ def overrides(settings: list[str]) -> dict:
 def ours(block, keep, rows, kwargs_for, train_rows, holdout_rows, args) -> dict:
     from stages.recovery.block_training import TrainConfig, train_block
 
-    cfg = TrainConfig(batch_size=args.batch_size, max_epochs=args.epochs,
+    cfg = TrainConfig(batch_size=args.batch_size, max_epochs=args.epochs, loss="mse",
                       tolerance=args.tolerance, autocast="auto", seed=args.seed,
                       train_norms=args.variant == "ours+norms")
     cfg = dataclasses.replace(cfg, **overrides(args.set))

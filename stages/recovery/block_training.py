@@ -58,9 +58,10 @@ class TrainConfig:
     seed: int = 0
     train_norms: bool = False  # also train the norm scales (and any biases), as the authors' code
     # the block loss: "mse" (Eq. 4); "nmse", each token's squared error over its target's
-    # squared norm; or "capped": MSE, but a token whose target is larger than the typical
-    # token's counts as if it were typical, so the first token's massive activation (an
-    # attention sink: up to 77% of a middle block's error on SmolLM2) does not dominate
+    # squared norm; or "capped": MSE, but a token whose target is larger than its window's
+    # typical token counts as if it were typical, so the first token's massive activation
+    # (an attention sink: up to 77% of a middle block's error on SmolLM2) does not dominate.
+    # Neither alternative beat mse beyond the seed noise (issue 22, docs/results.md)
     loss: str = "mse"
     schedule: str = "linear"  # learning-rate decay to 0 over the steps: linear, cosine, constant
     warmup: float = 0.0  # fraction of the steps over which the rate rises linearly first
