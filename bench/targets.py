@@ -71,17 +71,20 @@ def measure(args: argparse.Namespace, name: str, zeroshot: bool) -> dict:
             "zeroshot": zeroshot_means(run["report"]) if zeroshot else {}}
 
 
+def percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f}%"
+
+
 def table(results: dict) -> str:
     head = ("| case | dense | pruned (uniform) | pruned (this mask) | recovered | gap closed "
             "| of own start | target | met |")
     lines = [head, "|---" * 9 + "|"]
     for name, r in results.items():
         p = r["perplexity"]
-        own = r["gap_closed_own_start"]
+        closed, own = (percent(r[k]) for k in ("gap_closed", "gap_closed_own_start"))
         lines.append(f"| {name} | {p['dense']:.3f} | {r['uniform_pruned']:.3f} | "
-                     f"{p['pruned']:.3f} | {p['finetuned']:.3f} | {100 * r['gap_closed']:.1f}% "
-                     f"| {100 * own:.1f}% | {100 * r['target']:.0f}% | "
-                     f"{'yes' if r['met'] else 'no'} |")
+                     f"{p['pruned']:.3f} | {p['finetuned']:.3f} | {closed} | {own} | "
+                     f"{100 * r['target']:.0f}% | {'yes' if r['met'] else 'no'} |")
     if "wanda-50" in results and "sparsegpt-50" in results:
         s, w = (results[c]["perplexity"]["finetuned"] for c in ("sparsegpt-50", "wanda-50"))
         lines.append(f"\nSparseGPT start vs Wanda start, recovered: {s:.3f} vs {w:.3f} "

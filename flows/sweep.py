@@ -109,11 +109,12 @@ def label_of(cfg: RunConfig) -> str:
 def block_losses(paths: list[str]) -> dict[str, list[dict]]:
     """Per-block records of the EBFT configurations, for the per-block loss plot."""
     out = {}
-    for path in paths:
-        report = json.loads(Path(path).read_text())
-        if report["blocks"]:
-            row = reports.flatten(report)
-            out[f"{row['method']} {row['sparsity']} {row['finetune']}"] = report["blocks"]
+    rows = reports.load_reports([Path(p) for p in paths])
+    for _, row in rows.iterrows():
+        blocks = json.loads(Path(row["report"]).read_text())["blocks"]
+        if blocks:
+            recipe = f" [{row['recipe']}]" if row["recipe"] else ""
+            out[f"{row['method']} {row['sparsity']} {row['finetune']}{recipe}"] = blocks
     return out
 
 

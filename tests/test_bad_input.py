@@ -59,7 +59,7 @@ def run_fails(capsys, model, data_dir, store: Path, *flags: str) -> str:
     (["--address", "tcp://127.0.0.1:1"], "--address would be ignored"),
     (["--keep-boundaries", "--no-boundary-writes"], "--keep-boundaries keeps what"),
     (["--eval-data", "lambada"], "--eval-data 'lambada': choose one of wikitext2, "),
-    (["--loss", "l1"], "--loss 'l1': choose mse or nmse or capped"),
+    (["--loss", "l1"], "--loss 'l1': choose mse, nmse, capped"),
     (["--schedule", "step"], "--schedule 'step': choose linear, cosine, constant"),
     (["--warmup", "1.5"], "--warmup 1.5: must be in [0, 1)"),
     (["--calibration", "wiki"], "--calibration 'wiki': choose c4 or generated"),

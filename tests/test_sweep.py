@@ -136,22 +136,41 @@ def test_every_recovery_plots_tabulates_and_names_itself(tmp_path):
 
 def test_a_store_with_two_recipes_of_one_cell_shows_both():
     """`ebft report` over a store that holds the same method and sparsity at two recipes
-    used to show one of them as the only one; each now gets a row named by what differs."""
-    def row(ppl: float, layer_sparsity: str, remask: bool, lr: float = 2e-3) -> dict:
+    used to show one of them as the only one; each now gets a row named by what differs,
+    the same name in every column."""
+    def row(ppl: float, sparsity: str, layer_sparsity: str, remask: bool) -> dict:
         settings = {"prune.layer_sparsity": layer_sparsity, "train.remask": remask,
-                    "train.lr": lr, "dense.seed": 0}
-        return {"model": "m", "method": "wanda", "finetune": "ebft", "sparsity": "50%",
+                    "train.lr": 2e-3, "dense.seed": 0}
+        return {"model": "m", "method": "wanda", "finetune": "ebft", "sparsity": sparsity,
                 "nsamples": 16, "structured": False, "ppl": ppl, "dense_ppl": 9.0,
-                "config": json.dumps(settings, sort_keys=True)}
+                "config": json.dumps(settings, sort_keys=True), "report": f"r/{ppl}/report.json"}
 
-    rows = pd.DataFrame([row(12.0, "owl", True), row(13.0, "uniform", False),
-                         row(11.0, "owl", True) | {"sparsity": "2:4"}])
+    rows = pd.DataFrame([row(12.0, "50%", "owl", True), row(13.0, "50%", "uniform", False),
+                         row(20.0, "70%", "owl", True)], index=[5, 7, 9])
     rows = rows.assign(recipe=reports.recipes(rows))
-    assert list(rows["recipe"]) == ["layer_sparsity=owl, remask=True",
-                                    "layer_sparsity=uniform, remask=False", ""]
+    owl, uniform = ("prune.layer_sparsity=owl, train.remask=True",
+                    "prune.layer_sparsity=uniform, train.remask=False")
+    assert list(rows["recipe"]) == [owl, uniform, owl]  # 70% alone, yet named alike
     table = reports.perplexity_table(rows, structured=False)
-    assert table["50%"].to_dict() == {
-        "Dense": 9.0, "Wanda w. EBFT [layer_sparsity=owl, remask=True]": 12.0,
-        "Wanda w. EBFT [layer_sparsity=uniform, remask=False]": 13.0}
-    assert list(reports.perplexity_table(rows, structured=True).index) == ["Dense",
-                                                                           "Wanda w. EBFT"]
+    assert list(table.index) == ["Dense", f"Wanda w. EBFT [{owl}]",
+                                 f"Wanda w. EBFT [{uniform}]"]
+    assert list(table.loc[f"Wanda w. EBFT [{owl}]"]) == [12.0, 20.0]
+    assert table.loc[f"Wanda w. EBFT [{uniform}]", "50%"] == 13.0
+    assert pd.isna(table.loc[f"Wanda w. EBFT [{uniform}]", "70%"])
+    # a store of one recipe per cell keeps the plain labels
+    single = rows.iloc[[0, 2]].reset_index(drop=True)
+    assert reports.recipes(single) == ["", ""]
+    # two runs no setting tells apart (e.g. only their data folders differ) are named
+    twins = pd.concat([rows.iloc[[0]], rows.iloc[[0]].assign(report="r/b/report.json")])
+    assert reports.recipes(twins) == ["run=12.0", "run=b"]
+
+
+def test_reports_from_before_the_recipe_settings_still_tabulate(sweep_result):
+    """A report written before OWL and re-masking existed lacks their settings: one such
+    report used to make `ebft report` fail for the whole store."""
+    _sweep, result = sweep_result
+    path = Path(json.loads((Path(result["path"]) / "sweep.json").read_text())["reports"][0])
+    report = json.loads(path.read_text())
+    del report["config"]["prune"]["layer_sparsity"], report["config"]["train"]["remask"]
+    row = reports.flatten(report)
+    assert row["layer_sparsity"] is None and row["remask"] is None

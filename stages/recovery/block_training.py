@@ -111,7 +111,7 @@ class TrainConfig:
             (not (self.train_norms and self.window == "sublayers"),
              ("--train-norms trains the whole block's norms; --window sublayers trains "
              "attention and MLP apart: use one of the two")),
-            (self.loss in LOSSES, f"--loss {self.loss!r}: choose {' or '.join(LOSSES)}"),
+            (self.loss in LOSSES, f"--loss {self.loss!r}: choose {', '.join(LOSSES)}"),
             (self.schedule in SCHEDULES,
              f"--schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}"),
             (0 <= self.warmup < 1, f"--warmup {self.warmup}: must be in [0, 1)"),

@@ -11,10 +11,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from stages.recovery.recoveries import RECOVERIES
+from stages.reporting.reports import recipe_column
 
 
-def _label(method: str, finetune: str) -> str:
-    return f"{method} {RECOVERIES[finetune].label}".strip()
+def _label(method: str, finetune: str, recipe: str = "") -> str:
+    label = f"{method} {RECOVERIES[finetune].label}".strip()
+    return f"{label} [{recipe}]" if recipe else label
 
 
 def save(fig, ax, path: Path, columns: int = 1) -> bool:
@@ -34,11 +36,12 @@ def perplexity_vs_sparsity(rows: pd.DataFrame, path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {m: f"C{i}" for i, m in enumerate(sorted(part["method"].unique()))}
-    for (method, finetune), group in part.groupby(["method", "finetune"]):
+    part = part.assign(recipe=recipe_column(part))
+    for (method, finetune, recipe), group in part.groupby(["method", "finetune", "recipe"]):
         group = group.sort_values("ratio")
         style = RECOVERIES[finetune]
         ax.plot(group["ratio"] * 100, group["ppl"], style.line, marker=style.marker,
-                color=colors[method], label=_label(method, finetune))
+                color=colors[method], label=_label(method, finetune, recipe))
     ax.axhline(part["dense_ppl"].iloc[0], color="black", linestyle="--", linewidth=1,
                label="dense")
     ax.set_yscale("log")
@@ -70,11 +73,13 @@ def calibration_size(rows: pd.DataFrame, path: Path) -> bool:
     if rows["nsamples"].nunique() < 2:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (method, finetune, sparsity), group in rows.groupby(["method", "finetune", "sparsity"]):
+    rows = rows.assign(recipe=recipe_column(rows))
+    for (method, finetune, sparsity, recipe), group in rows.groupby(
+            ["method", "finetune", "sparsity", "recipe"]):
         group = group.sort_values("nsamples")
         style = RECOVERIES[finetune]
         ax.plot(group["nsamples"], group["ppl"], style.line, marker=style.marker,
-                label=f"{_label(method, finetune)} {sparsity}")
+                label=f"{_label(method, finetune, recipe)} {sparsity}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("calibration samples")
     ax.set_ylabel("Wikitext-2 perplexity")

@@ -21,10 +21,12 @@ from stages.masks import is_structured
 from stages.recovery.recoveries import RECOVERIES, recovery_of
 
 FINETUNE_ORDER = list(RECOVERIES)
-# what a table's rows and columns already say (or what changes no number: where files live)
+# what a table's rows and columns already say, and settings that change no number
 CELL = ("model", "method", "finetune", "sparsity", "nsamples")
 NOT_RECIPE = {"prune.method", "prune.sparsity", "prune.pattern", "finetune", "train.tune",
-              "dense.model", "dense.nsamples", "dense.store", "dense.data_dir", "runner"}
+              "dense.model", "dense.nsamples", "dense.store", "dense.data_dir",
+              "dense.batch_size", "zeroshot.batch_size", "keep_boundaries",
+              "write_boundaries", "runner"}
 
 
 def flatten(report: dict) -> dict:
@@ -52,8 +54,9 @@ def flatten(report: dict) -> dict:
                                                                 if refine else 0.0)),
         "finetune_data": lora["data"] if lora else "",
         "wall_seconds": report["wall_seconds"], "report": report.get("report_path", ""),
-        "layer_sparsity": cfg["prune"]["layer_sparsity"], "remask": cfg["train"]["remask"],
-        "seed": cfg["dense"]["seed"], "lr": cfg["train"]["lr"],
+        # reports from before issue 22 lack the first two
+        "layer_sparsity": cfg["prune"].get("layer_sparsity"),
+        "remask": cfg["train"].get("remask"), "seed": cfg["dense"].get("seed"),
         "config": json.dumps(_settings(cfg), sort_keys=True, default=str),
     }
     zeroshot = report.get("zeroshot") or {}
@@ -84,20 +87,29 @@ def _settings(section: dict, prefix: str = "") -> dict:
 
 
 def recipes(rows: pd.DataFrame) -> list[str]:
-    """For each row, the settings that set it apart from other rows of the same table cell
-    (model, method, recovery, sparsity, calibration size), e.g. "layer_sparsity=uniform,
-    remask=False"; "" where a cell holds one row. Without this a store that holds two recipes
-    of one cell would show one of them as if it were the only one."""
-    labels = [""] * len(rows)
-    for _, group in rows.groupby(list(CELL), sort=False):
-        if len(group) < 2:
+    """For each row, the settings that tell it from other rows of the same table cell
+    (model, method, recovery, sparsity, calibration size), e.g. "prune.layer_sparsity=owl,
+    train.remask=True"; all "" where no cell holds two rows. The settings are those that
+    differ inside any cell, and every row is labelled by all of them, so one recipe keeps
+    one label across a table's columns. Without this a store that holds two recipes of one
+    cell would show one of them as if it were the only one."""
+    rows = rows.reset_index(drop=True)
+    settings = [json.loads(c) for c in rows["config"]]
+    differ: set[str] = set()
+    clash = [False] * len(rows)
+    for positions in rows.groupby(list(CELL), sort=False, dropna=False).indices.values():
+        if len(positions) < 2:
             continue
-        settings = [json.loads(c) for c in group["config"]]
-        differ = sorted(k for k in set().union(*settings)
-                        if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1)
-        for position, s in zip(group.index, settings):
-            labels[position] = ", ".join(f"{k.rsplit('.', 1)[-1]}={s.get(k)}" for k in differ)
-    return labels
+        found = {k for k in set().union(*(settings[i] for i in positions))
+                 if len({json.dumps(settings[i].get(k), sort_keys=True)
+                         for i in positions}) > 1}
+        differ |= found
+        for i in positions:
+            clash[i] = clash[i] or not found  # nothing told them apart: name the run
+    keys = sorted(differ)
+    labels = [", ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
+    return [f"{label}, run={Path(str(path)).parent.name}".lstrip(", ") if clashed else label
+            for label, clashed, path in zip(labels, clash, rows.get("report", [""] * len(rows)))]
 
 
 def load_reports(paths: list[Path]) -> pd.DataFrame:
@@ -128,9 +140,9 @@ def _row_label(method: str, finetune: str, recipe: str = "") -> str:
     return f"{label} [{recipe}]" if recipe else label
 
 
-def _recipe(rows: pd.DataFrame) -> pd.Series:
-    """The ``recipe`` column (rows built by hand in tests may lack it)."""
-    return rows["recipe"] if "recipe" in rows else pd.Series("", index=rows.index)
+def recipe_column(rows: pd.DataFrame) -> pd.Series:
+    """The ``recipe`` column ("" where rows built by hand lack it, or a CSV read it as NaN)."""
+    return rows["recipe"].fillna("") if "recipe" in rows else pd.Series("", index=rows.index)
 
 
 def perplexity_table(rows: pd.DataFrame, structured: bool) -> pd.DataFrame:
@@ -141,7 +153,7 @@ def perplexity_table(rows: pd.DataFrame, structured: bool) -> pd.DataFrame:
         return pd.DataFrame()
     columns = sorted(part["sparsity"].unique(), key=_sparsity_order)
     table = {"Dense": {c: part["dense_ppl"].iloc[0] for c in columns}}
-    part = part.assign(recipe=_recipe(part))
+    part = part.assign(recipe=recipe_column(part))
     for (method, finetune, recipe), group in part.groupby(["method", "finetune", "recipe"],
                                                           sort=False):
         table[_row_label(method, finetune, recipe)] = dict(zip(group["sparsity"], group["ppl"]))
@@ -158,7 +170,7 @@ def zeroshot_table(rows: pd.DataFrame) -> pd.DataFrame:
     first = rows.iloc[0]
     table = {"Dense": {t[4:]: first.get(f"dense_{t}") for t in tasks}
              | {"mean": first.get("dense_acc_mean")}}
-    for _, row in rows.assign(recipe=_recipe(rows)).dropna(subset=["acc_mean"]).iterrows():
+    for _, row in rows.assign(recipe=recipe_column(rows)).dropna(subset=["acc_mean"]).iterrows():
         label = f"{_row_label(row['method'], row['finetune'], row['recipe'])} ({row['sparsity']})"
         table[label] = {t[4:]: row[t] for t in tasks} | {"mean": row["acc_mean"]}
     out = pd.DataFrame.from_dict(table, orient="index")
@@ -171,7 +183,7 @@ def tuning_table(rows: pd.DataFrame) -> pd.DataFrame:
     part = rows[rows["finetune"].isin(["none", "ebft", "mask"])]
     if not (part["finetune"] == "mask").any():
         return pd.DataFrame()
-    part = part.assign(recipe=_recipe(part))
+    part = part.assign(recipe=recipe_column(part))
     out = part.pivot_table(index=["method", "sparsity", "recipe"], columns="finetune",
                            values="ppl", aggfunc="first")
     if not out.index.get_level_values("recipe").any():
@@ -191,7 +203,7 @@ def structured_table(rows: pd.DataFrame) -> pd.DataFrame:
     if "acc_mean" in part:
         out["zero-shot mean"] = part["acc_mean"]
     out.index = [_row_label(m, f, r)
-                 for m, f, r in zip(part["method"], part["finetune"], _recipe(part))]
+                 for m, f, r in zip(part["method"], part["finetune"], recipe_column(part))]
     out.index.name = "method"
     first = part.iloc[0]
     dense = pd.DataFrame({"sparsity": "0%", "parameters (M)": first["parameters_total"] / 1e6,
@@ -206,7 +218,7 @@ def calibration_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Figure 2's data: perplexity vs. number of calibration samples, per configuration."""
     if rows["nsamples"].nunique() < 2:
         return pd.DataFrame()
-    labels = rows.assign(recipe=_recipe(rows)).apply(
+    labels = rows.assign(recipe=recipe_column(rows)).apply(
         lambda r: f"{_row_label(r['method'], r['finetune'], r['recipe'])} ({r['sparsity']})",
         axis=1)
     out = rows.assign(config=labels).pivot_table(index="nsamples", columns="config",
