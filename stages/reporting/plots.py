@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from stages.recovery.recoveries import RECOVERIES
-from stages.reporting.reports import recipe_column
+from stages.reporting.labels import recipe_column
 
 
 def _label(method: str, finetune: str, recipe: str = "") -> str:

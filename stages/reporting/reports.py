@@ -19,14 +19,16 @@ import pandas as pd
 
 from stages.masks import is_structured
 from stages.recovery.recoveries import RECOVERIES, recovery_of
+from stages.reporting.labels import recipe_column
 
 FINETUNE_ORDER = list(RECOVERIES)
-# what a table's rows and columns already say, and settings that change no number
+# what a table's rows and columns already say, and settings that change no number (form:
+# a compact model holds the masked model's weights)
 CELL = ("model", "method", "finetune", "sparsity", "nsamples")
 NOT_RECIPE = {"prune.method", "prune.sparsity", "prune.pattern", "finetune", "train.tune",
               "dense.model", "dense.nsamples", "dense.store", "dense.data_dir",
               "dense.batch_size", "zeroshot.batch_size", "keep_boundaries",
-              "write_boundaries", "runner"}
+              "write_boundaries", "form", "runner"}
 
 
 def flatten(report: dict) -> dict:
@@ -89,27 +91,21 @@ def _settings(section: dict, prefix: str = "") -> dict:
 def recipes(rows: pd.DataFrame) -> list[str]:
     """For each row, the settings that tell it from other rows of the same table cell
     (model, method, recovery, sparsity, calibration size), e.g. "prune.layer_sparsity=owl,
-    train.remask=True"; all "" where no cell holds two rows. The settings are those that
+    train.remask=True"; all "" where no cell holds two recipes. The settings are those that
     differ inside any cell, and every row is labelled by all of them, so one recipe keeps
     one label across a table's columns. Without this a store that holds two recipes of one
-    cell would show one of them as if it were the only one."""
+    cell would show one of them as if it were the only one. Runs of one recipe (e.g. saved
+    masked and compact) share a label: they measure the same thing."""
     rows = rows.reset_index(drop=True)
     settings = [json.loads(c) for c in rows["config"]]
     differ: set[str] = set()
-    clash = [False] * len(rows)
     for positions in rows.groupby(list(CELL), sort=False, dropna=False).indices.values():
-        if len(positions) < 2:
-            continue
-        found = {k for k in set().union(*(settings[i] for i in positions))
-                 if len({json.dumps(settings[i].get(k), sort_keys=True)
-                         for i in positions}) > 1}
-        differ |= found
-        for i in positions:
-            clash[i] = clash[i] or not found  # nothing told them apart: name the run
+        if len(positions) > 1:
+            differ |= {k for k in set().union(*(settings[i] for i in positions))
+                       if len({json.dumps(settings[i].get(k), sort_keys=True)
+                               for i in positions}) > 1}
     keys = sorted(differ)
-    labels = [", ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
-    return [f"{label}, run={Path(str(path)).parent.name}".lstrip(", ") if clashed else label
-            for label, clashed, path in zip(labels, clash, rows.get("report", [""] * len(rows)))]
+    return [", ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
 
 
 def load_reports(paths: list[Path]) -> pd.DataFrame:
@@ -138,11 +134,6 @@ def sort_rows(rows: pd.DataFrame) -> pd.DataFrame:
 def _row_label(method: str, finetune: str, recipe: str = "") -> str:
     label = f"{method.capitalize()} {RECOVERIES[finetune].label}".strip()
     return f"{label} [{recipe}]" if recipe else label
-
-
-def recipe_column(rows: pd.DataFrame) -> pd.Series:
-    """The ``recipe`` column ("" where rows built by hand lack it, or a CSV read it as NaN)."""
-    return rows["recipe"].fillna("") if "recipe" in rows else pd.Series("", index=rows.index)
 
 
 def perplexity_table(rows: pd.DataFrame, structured: bool) -> pd.DataFrame:
