@@ -23,6 +23,7 @@ from flows.runners import task_runner_for
 from stages.errors import UserError
 from stages.recovery.recoveries import RECOVERIES, recovery_of
 from stages.reporting import reports
+from stages.reporting.labels import with_recipe
 from store import Store, digest_json, write_json
 
 
@@ -113,8 +114,8 @@ def block_losses(paths: list[str]) -> dict[str, list[dict]]:
     for _, row in rows.iterrows():
         blocks = json.loads(Path(row["report"]).read_text())["blocks"]
         if blocks:
-            recipe = f" [{row['recipe']}]" if row["recipe"] else ""
-            out[f"{row['method']} {row['sparsity']} {row['finetune']}{recipe}"] = blocks
+            label = f"{row['method']} {row['sparsity']} {row['finetune']}"
+            out[with_recipe(label, row["recipe"])] = blocks
     return out
 
 

@@ -11,12 +11,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from stages.recovery.recoveries import RECOVERIES
-from stages.reporting.labels import recipe_column
+from stages.reporting.labels import recipe_column, with_recipe
 
 
 def _label(method: str, finetune: str, recipe: str = "") -> str:
-    label = f"{method} {RECOVERIES[finetune].label}".strip()
-    return f"{label} [{recipe}]" if recipe else label
+    return with_recipe(f"{method} {RECOVERIES[finetune].label}".strip(), recipe)
 
 
 def save(fig, ax, path: Path, columns: int = 1) -> bool:

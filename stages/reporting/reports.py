@@ -19,7 +19,7 @@ import pandas as pd
 
 from stages.masks import is_structured
 from stages.recovery.recoveries import RECOVERIES, recovery_of
-from stages.reporting.labels import recipe_column
+from stages.reporting.labels import recipe_column, with_recipe
 
 FINETUNE_ORDER = list(RECOVERIES)
 # what a table's rows and columns already say, and settings that change no number (form:
@@ -132,8 +132,7 @@ def sort_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _row_label(method: str, finetune: str, recipe: str = "") -> str:
-    label = f"{method.capitalize()} {RECOVERIES[finetune].label}".strip()
-    return f"{label} [{recipe}]" if recipe else label
+    return with_recipe(f"{method.capitalize()} {RECOVERIES[finetune].label}".strip(), recipe)
 
 
 def perplexity_table(rows: pd.DataFrame, structured: bool) -> pd.DataFrame:
