@@ -67,7 +67,8 @@ def test_bad_patterns_are_clear_errors(sparsity, nm, match):
 
 def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(UserError, match="choose one of magnitude, ria, sparsegpt, wanda, "
-                       "magnitude\\+dsnot, ria\\+dsnot, sparsegpt\\+dsnot, wanda\\+dsnot, flap"):
+                       "magnitude\\+dsnot, ria\\+dsnot, sparsegpt\\+dsnot, wanda\\+dsnot, "
+                       "magnitude\\+obs, ria\\+obs, sparsegpt\\+obs, wanda\\+obs, flap"):
         split_method("nope")
     with pytest.raises(UserError, match="is unknown"):
         sparsify("nope", weight(), parse_pattern(0.5))
@@ -86,6 +87,18 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_keeps_exact_sparsity(patte
     assert torch.equal(sgpt.weight != 0, sgpt.keep)  # the update never revives a pruned weight
     assert int((~sgpt.keep).sum()) == int(w.numel() * pattern.sparsity)
     assert reconstruction_error(w, sgpt.weight, x) < reconstruction_error(w, w * wanda_keep, x)
+
+
+@pytest.mark.parametrize("pattern", [parse_pattern(0.5), parse_pattern(0, "2:4")])
+def test_obs_update_keeps_the_given_mask_and_lowers_its_error(pattern):
+    """``wanda+obs``: Wanda's mask exactly, with SparseGPT's update of the kept weights."""
+    x, w = correlated_inputs(seed=5), weight(32, 64, seed=6)
+    stats = stats_of(x)
+    keep = sparsify("wanda", w, pattern, **stats).keep
+    updated = sparsify("obs", w, pattern, keep=keep, **stats)
+    assert torch.equal(updated.keep, keep)
+    assert not updated.weight[~keep].any()  # pruned weights stay zero
+    assert reconstruction_error(w, updated.weight, x) < 0.9 * reconstruction_error(w, w * keep, x)
 
 
 @pytest.mark.parametrize("pattern", [parse_pattern(0.5), parse_pattern(0.6), parse_pattern(0, "2:4")])

@@ -149,7 +149,9 @@ def prune_block(block, batches, kwargs_for, spec: MaskSpec,
         for refiner in refiners:  # reselect on the current values; pruned weights regrow
             current = dense if weight is None else torch.where(pruned.keep, weight, dense)
             reselected = refiner(current, pattern, keep=pruned.keep, **layer_stats)
-            weight = None if pruned.weight is None else current
+            # a refiner's own new weights (obs) win; else the scorer's, where it made any
+            weight = reselected.weight if reselected.weight is not None else (
+                None if pruned.weight is None else current)
             pruned = reselected
         final = (dense if weight is None else weight.to(dense.dtype)) * pruned.keep
         linear.weight.data.copy_(final)

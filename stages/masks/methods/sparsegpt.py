@@ -50,27 +50,31 @@ class SparseGPT(MaskMethod):
 
 
 def sparsegpt(weight: torch.Tensor, pattern: Pattern, hessian: torch.Tensor,
-              blocksize: int = 128, percdamp: float = 0.01) -> Pruned:
-    """hessian: Σ x xᵀ over calibration tokens (any positive scale: only ratios matter)."""
+              blocksize: int = 128, percdamp: float = 0.01,
+              keep: torch.Tensor | None = None) -> Pruned:
+    """hessian: Σ x xᵀ over calibration tokens (any positive scale: only ratios matter).
+    ``keep``: a mask chosen already (by another method): only the update, no choice."""
     w = weight.detach().float().clone()
     cols = w.shape[1]
     if pattern.is_nm:
         check_nm_fits(cols, pattern)
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
     u = inverse_hessian_factor(hessian.to(w.device), w, percdamp)
-    keep = torch.ones_like(w, dtype=torch.bool)
+    chosen = torch.ones_like(w, dtype=torch.bool)
 
     for start in range(0, cols, blocksize):
         stop = min(start + blocksize, cols)
         w1, u1 = w[:, start:stop].clone(), u[start:stop, start:stop]
         errors = torch.zeros_like(w1)
         drop1 = torch.zeros_like(w1, dtype=torch.bool)
-        if not pattern.is_nm:  # this block's share of pruned weights, chosen over all rows
+        if keep is not None:
+            drop1 = ~keep[:, start:stop].to(w.device).clone()
+        elif not pattern.is_nm:  # this block's share of pruned weights, chosen over all rows
             saliency = w1**2 / torch.diag(u1).reshape(1, -1) ** 2
             n_drop = int(saliency.numel() * pattern.sparsity)
             drop1.view(-1)[saliency.flatten().topk(n_drop, largest=False).indices] = True
         for i in range(stop - start):
-            if pattern.is_nm and i % pattern.m == 0:
+            if keep is None and pattern.is_nm and i % pattern.m == 0:
                 group = w1[:, i:i + pattern.m] ** 2 / torch.diag(u1)[i:i + pattern.m] ** 2
                 lowest = group.topk(pattern.n, dim=1, largest=False).indices
                 drop1[:, i:i + pattern.m].scatter_(1, lowest, True)
@@ -81,6 +85,31 @@ def sparsegpt(weight: torch.Tensor, pattern: Pattern, hessian: torch.Tensor,
             w1[:, i] = pruned
             errors[:, i] = err
         w[:, start:stop] = w1
-        keep[:, start:stop] = ~drop1
+        chosen[:, start:stop] = ~drop1
         w[:, stop:] -= errors @ u[start:stop, stop:]
-    return Pruned(keep, (w * keep).to(weight.dtype))
+    return Pruned(chosen, (w * chosen).to(weight.dtype))
+
+
+@register
+@dataclass(frozen=True)
+class OBSUpdate(MaskMethod):
+    """SparseGPT's weight update alone, on a mask another method chose (``wanda+obs``): the
+    kept weights absorb the pruned ones' share of each output, ||WX - ŴX||² being least on
+    the calibration inputs, so the pruned model starts closer to the dense one."""
+
+    name = "obs"
+    kind = "refiner"
+    needs_hessian = True
+    blocksize: int = param(128, "columns updated together")
+    percdamp: float = param(0.01, "dampening λ of the Hessian, a fraction of its mean diagonal")
+
+    def __call__(self, weight: torch.Tensor, pattern: Pattern, *, keep: torch.Tensor,
+                 hessian: torch.Tensor, **_) -> Pruned:
+        return sparsegpt(weight, pattern, hessian, self.blocksize, self.percdamp, keep=keep)
+
+    def problems(self) -> list[str]:
+        return [message for ok, message in (
+            (self.blocksize >= 1,
+             f"{self.flag('blocksize')} {self.blocksize}: must be at least 1"),
+            (0 < self.percdamp <= 1,
+             f"{self.flag('percdamp')} {self.percdamp}: must be in (0, 1]")) if not ok]
