@@ -102,8 +102,8 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
 
     prune = run.add_argument_group("pruning (the mask stage)")
     option(prune, "--method", "prune.method",
-           f"{', '.join(method_names())} (+dsnot: DSnoT reselection on top; flap: whole "
-           "heads and MLP channels)")
+           f"{', '.join(method_names())} (+dsnot: DSnoT reselection on top; +obs: "
+           "SparseGPT's weight update on the mask; flap: whole heads and MLP channels)")
     option(prune, "--sparsity", "prune.sparsity",
            "fraction of weights pruned in every linear layer of every block (flap: of all "
            "block weights together)")

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.run import RunConfig, prepare, run_flow
 from flows.runners import task_runner_for
 from stages.errors import UserError
-from stages.recovery.recoveries import RECOVERIES, recovery_of
+from stages.recovery.recoveries import RECOVERIES, base_method, recovery_of
 from stages.reporting import reports
 from stages.reporting.labels import with_recipe
 from store import Store, digest_json, write_json
@@ -103,7 +103,7 @@ def configuration_task(cfg: RunConfig, label: str) -> str:
 def label_of(cfg: RunConfig) -> str:
     recovery = recovery_of(cfg.prune.method, cfg.finetune, cfg.train.tune).name
     sparsity = cfg.prune.pattern or f"{cfg.prune.sparsity:g}"
-    base = cfg.prune.method.partition("+")[0]
+    base = base_method(cfg.prune.method)
     return f"{Path(cfg.dense.model).name}/{base}/{sparsity}/{recovery}/n{cfg.dense.nsamples}"
 
 

@@ -272,7 +272,7 @@ def test_bad_run_inputs_fail_in_one_line_and_leave_the_store_empty(
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "wanda+dsnot",
-                                    "sparsegpt+dsnot"])
+                                    "sparsegpt+dsnot", "wanda+obs"])
 @pytest.mark.parametrize("sparsity, pattern", [(0.6, None), (0.0, "2:4")])
 def test_mask_stage_on_a_tiny_llama(prefect_server, tmp_path_factory, model, data_dir, method,
                                     sparsity, pattern):
@@ -300,8 +300,9 @@ def test_mask_stage_on_a_tiny_llama(prefect_server, tmp_path_factory, model, dat
     zeros = {n: (w == 0) for n, w in linear_weights(report["model_folder"]).items()}
     assert sum(int(z.sum()) for z in zeros.values()) == stored["pruned"]
     assert report["perplexity"]["pruned"]["perplexity"] > 0
+    # new weights, besides the masks, where SparseGPT's update ran (obs: on Wanda's mask)
     assert bool(list(Path(masks.path).glob("weights-*.safetensors"))) == \
-        method.startswith("sparsegpt")
+        (method.startswith("sparsegpt") or method.endswith("+obs"))
 
 
 def test_prefect_yaml_deployment_parameters_are_valid_configs(monkeypatch):

@@ -134,6 +134,19 @@ def test_every_recovery_plots_tabulates_and_names_itself(tmp_path):
         assert recovery_of(cfg.prune.method, cfg.finetune, cfg.train.tune).name == name
 
 
+def test_a_refiner_that_is_no_recovery_stays_part_of_the_method():
+    """'wanda+dsnot' is Wanda recovered by DSnoT; 'wanda+obs' (SparseGPT's update on Wanda's
+    mask) is a mask method of its own, whatever recovery follows (an EBFT run on it used
+    to crash at its summary, after all the compute)."""
+    from stages.recovery.recoveries import base_method, recovery_of
+
+    assert (base_method("wanda+dsnot"), recovery_of("wanda+dsnot", "none", "weights").name) \
+        == ("wanda", "dsnot")
+    for finetune in ("none", "ebft", "lora"):
+        assert recovery_of("wanda+obs", finetune, "weights").name == finetune
+    assert base_method("wanda+obs") == "wanda+obs" and base_method("wanda") == "wanda"
+
+
 def test_a_store_with_two_recipes_of_one_cell_shows_both():
     """`ebft report` over a store that holds the same method and sparsity at two recipes
     used to show one of them as the only one; each now gets a row named by what differs,

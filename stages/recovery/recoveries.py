@@ -29,9 +29,17 @@ RECOVERIES: dict[str, Recovery] = {r.name: r for r in (
 )}
 
 
+def base_method(method: str) -> str:
+    """The mask method without a refiner that is a recovery of its own: 'wanda+dsnot' is
+    Wanda recovered by DSnoT; 'wanda+obs' (SparseGPT's update on Wanda's mask) stays a
+    method, whatever recovery follows it."""
+    base, _, refiner = method.partition("+")
+    return base if refiner in {r.refiner for r in RECOVERIES.values() if r.refiner} else method
+
+
 def recovery_of(method: str, finetune: str, tune: str) -> Recovery:
     """The recovery a configuration ran, from its mask method, finetune and tune."""
-    refiner = method.partition("+")[2] or None
+    refiner = method.removeprefix(base_method(method)).removeprefix("+") or None
     for recovery in RECOVERIES.values():
         if (recovery.refiner == refiner and recovery.finetune == finetune
                 and recovery.tune in (None, tune)):

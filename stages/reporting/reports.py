@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from stages.masks import is_structured
-from stages.recovery.recoveries import RECOVERIES, recovery_of
+from stages.recovery.recoveries import RECOVERIES, base_method, recovery_of
 from stages.reporting.labels import recipe_column, with_recipe
 
 FINETUNE_ORDER = list(RECOVERIES)
@@ -34,7 +34,8 @@ NOT_RECIPE = {"prune.method", "prune.sparsity", "prune.pattern", "finetune", "tr
 def flatten(report: dict) -> dict:
     """One configuration's run report as one flat row."""
     cfg = report["config"]
-    base, _, refine = cfg["prune"]["method"].partition("+")
+    base = base_method(cfg["prune"]["method"])
+    refine = base != cfg["prune"]["method"]  # the mask stage's refiner is the recovery
     finetune = recovery_of(cfg["prune"]["method"], cfg["finetune"], cfg["train"]["tune"]).name
     ppl = report["perplexity"]
     final = ppl["finetuned"] or ppl["pruned"]
