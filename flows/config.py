@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from stages.errors import UserError
-from stages.masks import METHODS, is_structured
+from stages.masks import METHODS, is_structured, methods_run
 from stages.recovery.block_training import TrainConfig
 from stages.recovery.lora import LoraSettings
 from store import digest_json
@@ -101,9 +101,12 @@ class RunConfig:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
 
     def key(self) -> str:
-        """The run's identity: what it computes, so "auto" and its explicit choice agree."""
-        return digest_json({k: v for k, v in asdict(settled(self)).items()
-                            if k != "runner"})[:16]
+        """The run's identity: what it computes, so "auto" and its explicit choice agree,
+        and the parameters of mask methods it does not run are not part of it (a method
+        added to the registry leaves every other run's key as it was)."""
+        values = {k: v for k, v in asdict(settled(self)).items() if k != "runner"}
+        values["prune"] = methods_run(values["prune"])
+        return digest_json(values)[:16]
 
 
 # "default" is the dataclasses' own defaults. "paper" is the paper's setting: 256 x 1024 C4

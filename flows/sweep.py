@@ -55,6 +55,9 @@ def expand(sweep: SweepConfig) -> list[RunConfig]:
     for model, n, method, sparsity, name in itertools.product(
             models, nsamples, sweep.methods, sweep.sparsities, sweep.finetunes):
         recovery = RECOVERIES[name]
+        if recovery.refiner and "+" in method:
+            raise UserError(f"--methods {method} has a refiner already and --finetunes {name} "
+                            f"adds {recovery.refiner}: drop {name} from --finetunes")
         refined = f"{method}+{recovery.refiner}" if recovery.refiner else method
         prune = replace(sweep.base.prune, method=refined, **_sparsity_fields(sparsity))
         train = replace(sweep.base.train, tune=recovery.tune) if recovery.tune else \

@@ -102,6 +102,23 @@ def test_a_method_flag_reaches_the_mask_key():
     assert spec.methods()[0].power == 1.0 and spec.key() != base.key()
 
 
+def test_the_run_key_holds_only_the_parameters_of_the_methods_it_runs():
+    """A parameter of a method the run does not use, or a method registered later, leaves
+    the run's key (its report's identity) as it was; one it uses changes it."""
+    from dataclasses import asdict
+
+    from flows.config import PruneConfig
+    from stages.masks import methods_run
+
+    wanda = build_config("default", {"prune.method": "wanda"})
+    assert build_config("default", {"prune.sparsegpt.percdamp": 0.02}).key() == wanda.key()
+    obs = build_config("default", {"prune.method": "wanda+obs"})
+    assert build_config("default", {"prune.method": "wanda+obs",
+                                    "prune.obs.percdamp": 0.02}).key() != obs.key()
+    section = methods_run(asdict(PruneConfig(method="wanda+obs")))
+    assert {"wanda", "obs"} <= set(section) and "sparsegpt" not in section
+
+
 def test_auto_choices_settle_from_the_rest_of_the_configuration():
     """OWL where one unstructured sparsity is asked for and fits, re-masking wherever blocks
     train one after another on masks of single weights; explicit choices are kept."""

@@ -101,6 +101,24 @@ def test_obs_update_keeps_the_given_mask_and_lowers_its_error(pattern):
     assert reconstruction_error(w, updated.weight, x) < 0.9 * reconstruction_error(w, w * keep, x)
 
 
+def test_obs_after_sparsegpt_is_sparsegpt():
+    """obs solves the kept weights from the dense ones: in the mask stage's loop, after
+    SparseGPT (whose own update is already that) it changes nothing, where correcting
+    SparseGPT's weights a second time made the error worse than no update at all."""
+    from stages.masks.pruning import MaskSpec, prune_block
+
+    x = correlated_inputs(seed=7).reshape(4, 128, 64)
+    pruned = {}
+    for method in ("sparsegpt", "sparsegpt+obs"):
+        block = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+        block[0].weight.data.copy_(weight(32, 64, seed=8))
+        pruned[method] = prune_block(block, lambda: iter([x]), lambda n: {},
+                                     MaskSpec("model", "acts", method=method))["0"]
+    (keep, w), (keep_again, w_again) = pruned.values()
+    assert torch.equal(keep, keep_again)
+    assert torch.allclose(w, w_again, atol=1e-4)
+
+
 @pytest.mark.parametrize("pattern", [parse_pattern(0.5), parse_pattern(0.6), parse_pattern(0, "2:4")])
 def test_dsnot_never_increases_its_error_and_keeps_sparsity_exact(pattern):
     x, w = correlated_inputs(seed=3), weight(32, 64, seed=4)

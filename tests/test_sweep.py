@@ -145,6 +145,11 @@ def test_a_refiner_that_is_no_recovery_stays_part_of_the_method():
     for finetune in ("none", "ebft", "lora"):
         assert recovery_of("wanda+obs", finetune, "weights").name == finetune
     assert base_method("wanda+obs") == "wanda+obs" and base_method("wanda") == "wanda"
+    sweep = SweepConfig(RunConfig(), methods=("wanda+obs",), sparsities=("0.5",),
+                        finetunes=("none", "dsnot"))
+    with pytest.raises(UserError, match="wanda\\+obs has a refiner already and --finetunes "
+                       "dsnot adds dsnot: drop dsnot"):
+        expand(sweep)
 
 
 def test_a_store_with_two_recipes_of_one_cell_shows_both():

@@ -23,6 +23,7 @@ from stages.masks.core import (
     Pruned,
     is_structured,
     method_names,
+    methods_run,
     parse_pattern,
     register,
     sparsify,
@@ -34,4 +35,4 @@ for _module in pkgutil.iter_modules([f"{__path__[0]}/methods"]):
     importlib.import_module(f"{__name__}.methods.{_module.name}")
 
 __all__ = ["METHODS", "LayerStats", "MaskMethod", "Pattern", "Pruned", "is_structured",
-           "method_names", "parse_pattern", "register", "sparsify", "split_method"]
+           "method_names", "methods_run", "parse_pattern", "register", "sparsify", "split_method"]

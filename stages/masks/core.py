@@ -24,8 +24,8 @@ class MaskMethod:
     """A mask method: a frozen dataclass whose fields are its parameters, registered by name.
 
     ``kind`` says how the mask stage runs it: a *scorer* chooses one layer's mask from its
-    calibration statistics; a *refiner* (DSnoT) reselects a scorer's mask and is written
-    ``scorer+refiner``; a *structured* method (FLAP) chooses whole heads and channels for the
+    calibration statistics; a *refiner* works on a scorer's mask and is written ``scorer+refiner``
+    (DSnoT reselects it; obs keeps it and solves for the kept weights, from the dense ones); a *structured* method (FLAP) chooses whole heads and channels for the
     whole model at once (its ``build`` does the stage's work). A new method is one module in
     this package: a subclass decorated with ``@register``; its fields become its CLI flags
     (``--<name>-<field>``, or the published name in ``flags``) and its own part of the mask
@@ -35,6 +35,9 @@ class MaskMethod:
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "scorer"
     needs_hessian: ClassVar[bool] = False  # SparseGPT: Σ x xᵀ of each layer's inputs
+    # a refiner that computes the kept weights itself, from the dense ones (obs): it gets
+    # the dense weights, not a scorer's updated ones (which it would correct a second time)
+    from_dense: ClassVar[bool] = False
     flags: ClassVar[dict[str, str]] = {}  # field -> published flag name, when not the default
 
     def __call__(self, weight: torch.Tensor, pattern: Pattern, **stats) -> Pruned:
@@ -138,6 +141,13 @@ def method_names() -> list[str]:
     scorers = names_of("scorer")
     return scorers + [f"{s}+{r}" for r in names_of("refiner") for s in scorers] + \
         names_of("structured")
+
+
+def methods_run(prune: dict) -> dict:
+    """A prune configuration (as a dict) without the parameters of the registered methods
+    it does not run: they change nothing it computes."""
+    ran = set(prune["method"].split("+"))
+    return {k: v for k, v in prune.items() if k not in METHODS or k in ran}
 
 
 def split_method(name: str) -> list[type[MaskMethod]]:

@@ -146,8 +146,9 @@ def prune_block(block, batches, kwargs_for, spec: MaskSpec,
         layer_stats = stats[name].as_kwargs()
         pruned = scorer(dense, pattern, **layer_stats)
         weight = pruned.weight
-        for refiner in refiners:  # reselect on the current values; pruned weights regrow
-            current = dense if weight is None else torch.where(pruned.keep, weight, dense)
+        for refiner in refiners:  # on the current values (DSnoT: pruned weights regrow)
+            current = dense if weight is None or refiner.from_dense else \
+                torch.where(pruned.keep, weight, dense)
             reselected = refiner(current, pattern, keep=pruned.keep, **layer_stats)
             # a refiner's own new weights (obs) win; else the scorer's, where it made any
             weight = reselected.weight if reselected.weight is not None else (

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.masks import is_structured
+from stages.masks import is_structured, methods_run
 from stages.recovery.recoveries import RECOVERIES, base_method, recovery_of
 from stages.reporting.labels import recipe_column, with_recipe
 
@@ -60,7 +60,10 @@ def flatten(report: dict) -> dict:
         # reports from before issue 22 lack the first two
         "layer_sparsity": cfg["prune"].get("layer_sparsity"),
         "remask": cfg["train"].get("remask"), "seed": cfg["dense"].get("seed"),
-        "config": json.dumps(_settings(cfg), sort_keys=True, default=str),
+        # without the parameters of methods the run did not use (reports name every
+        # registered method's; one registered later is absent from older reports)
+        "config": json.dumps(_settings({**cfg, "prune": methods_run(cfg["prune"])}),
+                             sort_keys=True, default=str),
     }
     zeroshot = report.get("zeroshot") or {}
     final_zs = zeroshot.get("finetuned") or zeroshot.get("pruned")

@@ -68,7 +68,7 @@ def sparsegpt(weight: torch.Tensor, pattern: Pattern, hessian: torch.Tensor,
         errors = torch.zeros_like(w1)
         drop1 = torch.zeros_like(w1, dtype=torch.bool)
         if keep is not None:
-            drop1 = ~keep[:, start:stop].to(w.device).clone()
+            drop1 = ~keep[:, start:stop].to(w.device)
         elif not pattern.is_nm:  # this block's share of pruned weights, chosen over all rows
             saliency = w1**2 / torch.diag(u1).reshape(1, -1) ** 2
             n_drop = int(saliency.numel() * pattern.sparsity)
@@ -92,7 +92,7 @@ def sparsegpt(weight: torch.Tensor, pattern: Pattern, hessian: torch.Tensor,
 
 @register
 @dataclass(frozen=True)
-class OBSUpdate(MaskMethod):
+class OBS(MaskMethod):
     """SparseGPT's weight update alone, on a mask another method chose (``wanda+obs``): the
     kept weights absorb the pruned ones' share of each output, ||WX - ŴX||² being least on
     the calibration inputs, so the pruned model starts closer to the dense one."""
@@ -100,6 +100,7 @@ class OBSUpdate(MaskMethod):
     name = "obs"
     kind = "refiner"
     needs_hessian = True
+    from_dense = True  # the update is solved from the dense weights (sparsegpt+obs = sparsegpt)
     blocksize: int = param(128, "columns updated together")
     percdamp: float = param(0.01, "dampening λ of the Hessian, a fraction of its mean diagonal")
 
