@@ -64,6 +64,9 @@ VARIANTS: dict[str, list[str]] = {
     "lr3e-3": [*SECOND, "--lr", "3e-3"],
     "capped": ["--loss", "capped"],
     "nmse-now": ["--loss", "nmse"],
+    # fourth round: the whole model distilled on the dense logits after the block pass
+    "distill": ["--distill-epochs", "1"],
+    "distill-e1": ["--epochs", "1", "--distill-epochs", "1"],
 }
 
 

@@ -163,6 +163,12 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
            "sequential (each block on the outputs of the fine-tuned blocks before it, as "
            "the paper) or dense (on the dense model's, from the capture: the blocks are "
            "independent and run at once on the task runner)")
+    distilled = run.add_argument_group(
+        "distillation of the whole recovered model on the dense model's logits, after "
+        "EBFT or LoRA (holds the whole model, the dense one and AdamW's moments)")
+    option(distilled, "--distill-epochs", "distill.epochs", "epochs over the calibration "
+           "windows; 0: off")
+    option(distilled, "--distill-lr", "distill.lr", "AdamW learning rate")
     adapters = run.add_argument_group("LoRA baseline (--finetune lora, peft)")
     option(adapters, "--lora-rank", "lora.rank", "adapter rank")
     option(adapters, "--lora-alpha", "lora.alpha", "adapter scale alpha")
@@ -438,7 +444,7 @@ def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
         raise UserError("--pattern and --sparsity both set the sparsity (N:M prunes N/M); "
                         "give one of them")
     if cfg.finetune == "none":
-        refuse(("train", "lora"), "--finetune none trains nothing")
+        refuse(("train", "lora", "distill"), "--finetune none trains nothing")
     elif cfg.finetune == "lora":
         refuse(("train",), "they set EBFT, and --finetune lora trains LoRA adapters")
     else:

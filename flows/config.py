@@ -20,6 +20,7 @@ from typing import Any
 from stages.errors import UserError
 from stages.masks import METHODS, is_structured, methods_run
 from stages.recovery.block_training import TrainConfig
+from stages.recovery.distill import DistillSettings
 from stages.recovery.lora import LoraSettings
 from store import digest_json
 
@@ -91,6 +92,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: str = "ebft"  # a recovery's run: ebft, lora, or none (the pruned model as is)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # the whole recovered model distilled on the dense model's logits after the block
+    # pass (stages.recovery.distill); epochs 0: off
+    distill: DistillSettings = field(default_factory=DistillSettings)
     form: str = "masked"  # the saved model: masked, or compact (structured masks: narrower)
     save_dtype: str = "auto"  # dtype of the saved model; auto: the compute dtype
     keep_boundaries: bool = False  # keep every block's outputs (debugging; costs disk)

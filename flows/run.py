@@ -23,7 +23,7 @@ from stages.masks import pruning
 from stages.model import assembly
 from stages.model.devices import DTYPES
 from stages.model.model_source import ModelSource
-from stages.recovery import ebft, lora
+from stages.recovery import distill, ebft, lora
 from stages.recovery.block_training import TrainConfig
 from stages.recovery.handover import HANDOVER
 from stages.recovery.lora import LoraSettings
@@ -59,6 +59,7 @@ def prepare(cfg: RunConfig) -> Inputs:
     pruning.validate(mask_spec)
     cfg.train.validate(cfg.dense.nsamples)
     cfg.lora.validate()
+    cfg.distill.validate()
     if cfg.form == "compact" and not mask_spec.structured:
         raise UserError(f"--form compact needs whole heads and channels removed (--method "
                         f"flap); {cfg.prune.method} zeros single weights, so use --form masked")
@@ -81,7 +82,8 @@ def prepare(cfg: RunConfig) -> Inputs:
             raise UserError(f"--tasks {','.join(cfg.zeroshot.tasks)}: no data for any of them ("
                             f"{'; '.join(skipped.values())})")
     # LoRA (peft), zero-shot (lm-eval) and the compact form hold the whole model at once
-    whole = cfg.finetune == "lora" or bool(cfg.zeroshot.tasks) or cfg.form == "compact"
+    whole = cfg.finetune == "lora" or bool(cfg.zeroshot.tasks) or cfg.form == "compact" \
+        or cfg.distill.epochs > 0
     inputs = prepare_dense(cfg.dense, whole_model=whole)
     pattern = mask_spec.parsed_pattern()
     if pattern.is_nm:
@@ -158,6 +160,9 @@ def run_flow(cfg: RunConfig) -> dict:
     elif cfg.finetune == "lora":
         lora_artifact = run.lora(masks, dense["calibration"])
     final = run.assembly(masks, blocks, lora_artifact)
+    distilled = None
+    if cfg.finetune != "none" and cfg.distill.epochs > 0:
+        final = distilled = run.distill(final, dense["calibration"])
     tuned_ppl = None
     if cfg.finetune != "none":
         final_model = assembly.as_model_source(final, f"{inputs.model.name} {cfg.finetune}")
@@ -171,6 +176,7 @@ def run_flow(cfg: RunConfig) -> dict:
         "mask_report": mask_summary(masks), "model_folder": final.path,
         "blocks": [ebft.read_record(b) for b in blocks],
         "lora": lora.read_record(lora_artifact) if lora_artifact else None,
+        "distill": distill.read_record(distilled) if distilled else None,
         "perplexity": {"dense": dense["perplexity"], "pruned": pruned_ppl,
                        "finetuned": tuned_ppl},
         "zeroshot": zeroshot if cfg.zeroshot.tasks else None,
@@ -290,6 +296,15 @@ class Run:
         return self.log.run("lora", lambda: run_stage(
             lora.STAGE, spec, self.store, model=self.model, masks=masks, calibration=calib,
             device=self.device))
+
+    def distill(self, assembled: Artifact, calib: Artifact) -> Artifact:
+        """The assembled model distilled on the dense model's logits (a new folder)."""
+        save_dtype = self.dtype if self.cfg.save_dtype == "auto" else self.cfg.save_dtype
+        spec = distill.DistillSpec(self.model.digest, assembled.key, calib.key,
+                                   self.cfg.distill, save_dtype)
+        return self.log.run("distill", lambda: run_stage(
+            distill.STAGE, spec, self.store, model=self.model, student=assembled,
+            calibration=calib, device=self.device))
 
     def assembly(self, masks: Artifact, blocks: list[Artifact],
                  lora_artifact: Artifact | None) -> Artifact:

@@ -1,0 +1,80 @@
+"""Distillation of the whole recovered model on the dense model's logits (issue 22): the
+loss on toy tensors, the training loop on a tiny Llama, and the stage in the main job."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from test_run import config, linear_weights
+
+import stages.model.architecture as arch
+from flows.run import run_flow
+from stages.recovery.distill import DistillSettings, distill, kd_loss
+
+
+def test_kd_loss_is_the_mean_kl_over_tokens():
+    teacher = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])
+    assert kd_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    student = torch.tensor([[[0.0, 1.0, 0.0], [1.0, -1.0, 0.0]]])
+    p, q = teacher.softmax(-1), student.softmax(-1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean().item()
+    assert kd_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    assert kd_loss(student, teacher).item() > 0
+
+
+def test_distillation_moves_the_student_towards_the_teacher_and_keeps_its_zeros(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_model(tmp_path / "m")
+    teacher = AutoModelForCausalLM.from_pretrained(folder).eval()
+    student = AutoModelForCausalLM.from_pretrained(folder)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # half of every block weight pruned at random
+        for block in arch.decoder_blocks(student):
+            for linear in arch.linear_layers(block).values():
+                linear.weight.mul_(torch.rand(linear.weight.shape, generator=gen) > 0.5)
+    zeros = {n: w == 0 for n, w in student.state_dict().items() if "proj" in n}
+    tokens = torch.randint(0, teacher.config.vocab_size, (8, 32), generator=gen)
+
+    def gap() -> float:
+        with torch.no_grad():
+            return kd_loss(student(tokens).logits, teacher(tokens).logits).item()
+
+    before = gap()
+    record = distill(student, teacher, tokens, DistillSettings(epochs=3, lr=3e-3),
+                     torch.device("cpu"), log=lambda _: None)
+    assert gap() < 0.8 * before
+    assert record["steps"] == 24 and len(record["train_losses"]) == 3
+    for name, zero in zeros.items():
+        assert torch.equal(student.state_dict()[name] == 0, zero), name
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_the_main_job_distils_the_recovered_model_once(prefect_server, tmp_path, data_dir):
+    """`--distill-epochs 1`: the evaluated and saved model is the distilled one, a stock
+    Hugging Face folder with the masks' zeros; a second run finds every stage cached."""
+    from transformers import AutoModelForCausalLM
+
+    model = build_tiny_model(tmp_path / "model")
+    cfg = config(tmp_path / "store", model, data_dir)
+    plain = run_flow(cfg)
+    cfg = replace(cfg, distill=DistillSettings(epochs=1, lr=1e-3))
+    report = run_flow(cfg)
+    assert report["states"]["distill"] == "Completed"
+    assert report["distill"]["steps"] == cfg.dense.nsamples
+    assert "/distill/" in report["model_folder"] and report["model_folder"] != \
+        plain["model_folder"]
+    tuned, before = linear_weights(report["model_folder"]), linear_weights(plain["model_folder"])
+    assert tuned.keys() == before.keys()
+    assert all(torch.equal(tuned[n] == 0, before[n] == 0) for n in tuned)
+    assert any(not torch.equal(tuned[n], before[n]) for n in tuned)
+    AutoModelForCausalLM.from_pretrained(report["model_folder"])
+    ppl = report["perplexity"]["finetuned"]["perplexity"]
+    assert math.isfinite(ppl) and ppl != plain["perplexity"]["finetuned"]["perplexity"]
+    again = run_flow(cfg)
+    assert again["states"]["distill"].startswith("Cached")
+    assert again["perplexity"]["finetuned"] == report["perplexity"]["finetuned"]
