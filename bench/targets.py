@@ -2,7 +2,7 @@
 
     EBFT_DATA_DIR=../shared/data python bench/targets.py --work /tmp/targets \
         [--cases wanda-50,wanda-2:4,wanda-70,sparsegpt-50] [--eval-windows all] \
-        [--tasks arc_easy,piqa --zeroshot-limit 500]
+        [--tasks arc_easy,piqa --zeroshot-limit 500] [--run-flags '--distill-epochs 1']
 
 Each case is one `ebft run` at the defaults with its mask flags, plus the same mask at
 uniform block sparsity without fine-tuning (the starting point the targets were set
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from end_to_end import timed_run
@@ -43,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", default="0", help="calibration seed")
     parser.add_argument("--tasks", default="", help="zero-shot tasks for the first case")
     parser.add_argument("--zeroshot-limit", default="500")
+    parser.add_argument("--run-flags", default="",
+                        help="flags for each case's recovered run, not its uniform start, "
+                        "e.g. '--distill-epochs 1'")
     parser.add_argument("--out", default="bench/results/targets.json")
     return parser.parse_args(argv)
 
@@ -57,14 +61,14 @@ def measure(args: argparse.Namespace, name: str, zeroshot: bool) -> dict:
     common = ["--store", str(Path(args.work) / "store"), "--seed", args.seed,
               "--eval-data", "wikitext2", "--eval-windows", args.eval_windows, *mask_flags]
     tasks = ["--tasks", args.tasks, "--zeroshot-limit", args.zeroshot_limit] if zeroshot else []
-    run = timed_run([*common, *tasks])
+    run = timed_run([*common, *tasks, *shlex.split(args.run_flags)])
     ppl = run["perplexity"]
     uniform = ppl["pruned"]
     if "--pattern" not in mask_flags:  # the uniform mask's pruned model, the targets' start
         uniform = timed_run([*common, "--layer-sparsity", "uniform", "--finetune", "none"]
                             )["perplexity"]["pruned"]
     closed = gap_closed(ppl, uniform)
-    return {"flags": common, "perplexity": ppl, "uniform_pruned": uniform,
+    return {"flags": common, "run_flags": args.run_flags, "perplexity": ppl, "uniform_pruned": uniform,
             "gap_closed": closed, "gap_closed_own_start": gap_closed(ppl), "target": target,
             "met": closed is not None and closed >= target, "wall_s": run["wall_s"],
             "ebft_s": run["stages"].get("ebft", {}).get("seconds"),
