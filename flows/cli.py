@@ -443,6 +443,8 @@ def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
     if {"prune.pattern", "prune.sparsity"} <= given.keys():
         raise UserError("--pattern and --sparsity both set the sparsity (N:M prunes N/M); "
                         "give one of them")
+    if cfg.distill.epochs == 0:
+        refuse(("distill.lr", "distill.seed"), "--distill-epochs is 0: nothing is distilled")
     if cfg.finetune == "none":
         refuse(("train", "lora", "distill"), "--finetune none trains nothing")
     elif cfg.finetune == "lora":
@@ -592,6 +594,8 @@ def print_summary(report: dict) -> None:
     from stages.recovery.recoveries import recovery_of
 
     tuned = recovery_of(cfg["prune"]["method"], cfg["finetune"], cfg["train"]["tune"]).summary
+    if report.get("distill"):
+        tuned += " + KD"
     print(f"\nmodel        {report['model']['name']} on {report['device']} / {report['dtype']}")
     print(f"{'':<13}{'stage':<20} {'state':<20} {'seconds':>9} {'I/O s':>7} {'read GB':>8} "
           f"{'written GB':>10} {'peak RSS GB':>11}")

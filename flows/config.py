@@ -110,6 +110,8 @@ class RunConfig:
         added to the registry leaves every other run's key as it was)."""
         values = {k: v for k, v in asdict(settled(self)).items() if k != "runner"}
         values["prune"] = methods_run(values["prune"])
+        if not values["distill"]["epochs"]:  # off: its settings change nothing
+            del values["distill"]
         return digest_json(values)[:16]
 
 
@@ -147,7 +149,8 @@ def settled(cfg: RunConfig) -> RunConfig:
                         and train.block_inputs == "sequential"
                         and prune.mask_inputs == "sequential"
                         and not is_structured(prune.method))
-    return replace(cfg, prune=prune, train=train)
+    distill = cfg.distill if cfg.finetune != "none" else DistillSettings()  # nothing to distil
+    return replace(cfg, prune=prune, train=train, distill=distill)
 
 
 def why_no_owl(prune) -> str | None:

@@ -34,7 +34,7 @@ class Inputs(NamedTuple):
     model: ModelSource
 
 
-def prepare_dense(cfg: DenseConfig, whole_model: bool = False) -> Inputs:
+def prepare_dense(cfg: DenseConfig, whole_model: bool = False, distill: bool = False) -> Inputs:
     """Resolve and check every input, cheapest first; raises a one-line UserError before
     any stage runs, and writes nothing to the store (the default model's one-time
     conversion goes to this machine's cache)."""
@@ -65,7 +65,7 @@ def prepare_dense(cfg: DenseConfig, whole_model: bool = False) -> Inputs:
     capture_spec = capture.CaptureSpec(model.digest, calib_spec.key(), dtype, cfg.batch_size)
     check_resources(cfg, store, meta, dtype,
                     capture_stored=store.get("activations", capture_spec.key()) is not None,
-                    whole_model=whole_model)
+                    whole_model=whole_model, distill=distill)
     return Inputs(store, directory, device, dtype, model)
 
 
@@ -115,12 +115,14 @@ def deployment_run() -> bool:
 
 
 def check_resources(cfg: DenseConfig, store: Store, meta, dtype: str, capture_stored: bool,
-                    whole_model: bool = False) -> None:
+                    whole_model: bool = False, distill: bool = False) -> None:
     """Disk for the capture (unless stored), boundaries, masks and the saved model. Memory
     for what is held at once: the stages read one block at a time, so one block in training
     (fp32 weights, gradients and AdamW's two moments) and the embeddings and head; the whole
     model instead when a stage needs it (``whole_model``: LoRA, zero-shot, compact form);
-    plus the calibration tokens and a batch of activations."""
+    for distillation, the dense model and the student in fp32, the blocks' gradients and
+    AdamW's moments, and a window's logits; plus the calibration tokens and a batch of
+    activations."""
     import stages.model.architecture as arch
 
     config = meta.config
@@ -131,6 +133,9 @@ def check_resources(cfg: DenseConfig, store: Store, meta, dtype: str, capture_st
     block = sum(p.numel() for p in arch.decoder_blocks(meta)[0].parameters())
     held = weight_bytes if whole_model else \
         4 * block * 4 + (params - layers * block) * (4 if dtype == "float32" else 2)
+    if distill:
+        held = max(held, 8 * params + 12 * layers * block
+                   + 4 * 4 * cfg.seqlen * config.vocab_size)
     disk = (0 if capture_stored else (layers + 1) * window) + 4 * window + 2 * weight_bytes
     memory = held + cfg.nsamples * cfg.seqlen * 8 + \
         8 * cfg.batch_size * cfg.seqlen * max(hidden, config.intermediate_size) * 4

@@ -82,9 +82,9 @@ def prepare(cfg: RunConfig) -> Inputs:
             raise UserError(f"--tasks {','.join(cfg.zeroshot.tasks)}: no data for any of them ("
                             f"{'; '.join(skipped.values())})")
     # LoRA (peft), zero-shot (lm-eval) and the compact form hold the whole model at once
-    whole = cfg.finetune == "lora" or bool(cfg.zeroshot.tasks) or cfg.form == "compact" \
-        or cfg.distill.epochs > 0
-    inputs = prepare_dense(cfg.dense, whole_model=whole)
+    whole = cfg.finetune == "lora" or bool(cfg.zeroshot.tasks) or cfg.form == "compact"
+    distilled = cfg.finetune != "none" and cfg.distill.epochs > 0
+    inputs = prepare_dense(cfg.dense, whole_model=whole or distilled, distill=distilled)
     pattern = mask_spec.parsed_pattern()
     if pattern.is_nm:
         check_layers_fit(inputs.model, pattern)

@@ -64,7 +64,7 @@ KEYS = """
 import json
 from stages.model import assembly
 from stages.inputs import calibration, capture
-from stages.recovery import ebft, lora
+from stages.recovery import distill, ebft, lora
 from stages.evaluation import perplexity, zeroshot
 from stages.masks import pruning
 from stages.recovery.block_training import TrainConfig
@@ -81,6 +81,8 @@ specs = {
     "ebft-block": ebft.BlockSpec(0, "", "model", "acts", "masks", TrainConfig()),
     "lora": lora.LoraSpec("model", "masks", "calib", LoraSettings(), "float32"),
     "assembly": assembly.AssemblySpec("model", "masks", None, "float32", None, "masked"),
+    "distill": distill.DistillSpec("model", "assembled", "calib", distill.DistillSettings(1),
+                                   "float32"),
 }
 print(json.dumps({name: spec.key() for name, spec in specs.items()}))
 """
@@ -112,7 +114,7 @@ def test_editing_a_helper_changes_the_keys_of_the_stages_that_call_it(tmp_path):
                       "\n    dtype = dtype") == set(before)
     # how masks are put into a model (the pruned perplexity's loader was in no key)
     masks_applied = {"perplexity", "zeroshot", "ebft-block", "lora", "assembly", "masks wanda",
-                     "masks wanda+dsnot", "masks sparsegpt"}
+                     "masks wanda+dsnot", "masks sparsegpt", "distill"}
     assert changed_by("stages/masks/mask_files.py", "def apply_masks(model, artifact: Artifact) -> None:",
                       "def apply_masks(model, artifact: Artifact) -> None:\n    model = model"
                       ) == masks_applied
@@ -122,7 +124,10 @@ def test_editing_a_helper_changes_the_keys_of_the_stages_that_call_it(tmp_path):
     # EBFT's training loop: EBFT's blocks, and assembly (it imports stages.recovery.ebft to read the
     # blocks); no mask, capture or evaluation stage
     assert changed_by("stages/recovery/block_training.py", "MASK_MARGIN = 0.01",
-                      "MASK_MARGIN = 0.02") == {"ebft-block", "assembly"}
+                      "MASK_MARGIN = 0.02") == {"ebft-block", "assembly", "distill"}
+    # the distillation's loss: only the distilled models
+    assert changed_by("stages/recovery/distill.py", "RECORD_FILE = \"distill.json\"",
+                      "RECORD_FILE = \"distill\" + \".json\"") == {"distill"}
     # the calibration sampler: the stages built on calibration data (their inputs' keys
     # change with it anyway), never the evaluations of a model
     assert changed_by("stages/inputs/calibration.py", "gen = torch.Generator().manual_seed(seed)",

@@ -43,7 +43,7 @@ class DistillSettings:
     def validate(self) -> None:
         checks = [(self.epochs >= 0, f"--distill-epochs {self.epochs}: must be >= 0 (0: off)"),
                   (self.lr > 0, f"--distill-lr {self.lr}: must be positive"),
-                  (self.seed >= 0, f"--distill-seed {self.seed}: must be >= 0")]
+                  (self.seed >= 0, f"distill.seed {self.seed}: must be >= 0")]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
@@ -145,7 +145,8 @@ def build(spec: DistillSpec, out: Path, model, student: Artifact, calibration: A
         if item.is_file() and not item.name.startswith("model") and item.name not in (
                 "DIGEST", "STAMP"):
             shutil.copy(item, out / item.name)
-    tuned.to(DTYPES[spec.dtype]).save_pretrained(out, safe_serialization=True)
+    tuned.to(DTYPES[spec.dtype]).save_pretrained(out, max_shard_size="1GB")
+    shutil.copy(Path(student.path) / "config.json", out / "config.json")  # as assembled
     write_json(out, RECORD_FILE, {**record, "spec": asdict(spec), "key": spec.key()})
 
 

@@ -31,6 +31,16 @@ NOT_RECIPE = {"prune.method", "prune.sparsity", "prune.pattern", "finetune", "tr
               "write_boundaries", "form", "runner"}
 
 
+def computed(cfg: dict) -> dict:
+    """A report's configuration less the settings that changed nothing it computed: the
+    parameters of mask methods it did not run (reports name every registered method's, and
+    older ones lack those registered later) and distillation when it was off (or absent)."""
+    out = {**cfg, "prune": methods_run(cfg["prune"])}
+    if not (cfg.get("distill") or {}).get("epochs"):
+        out.pop("distill", None)
+    return out
+
+
 def flatten(report: dict) -> dict:
     """One configuration's run report as one flat row."""
     cfg = report["config"]
@@ -53,8 +63,10 @@ def flatten(report: dict) -> dict:
         "eval_windows": f"{ppl['dense']['windows']}/{ppl['dense']['windows_total']}",
         "eval_data": cfg["dense"].get("eval_data", "wikitext2"),
         # the cost of recovering: EBFT's blocks, or the mask stage itself for DSnoT
+        # (plus the distillation after it, when there was one)
         "finetune_seconds": seconds.get("ebft", seconds.get("lora", seconds.get("masks", 0.0)
-                                                                if refine else 0.0)),
+                                                                if refine else 0.0))
+        + seconds.get("distill", 0.0),
         "finetune_data": lora["data"] if lora else "",
         "wall_seconds": report["wall_seconds"], "report": report.get("report_path", ""),
         # reports from before issue 22 lack the first two
@@ -62,8 +74,7 @@ def flatten(report: dict) -> dict:
         "remask": cfg["train"].get("remask"), "seed": cfg["dense"].get("seed"),
         # without the parameters of methods the run did not use (reports name every
         # registered method's; one registered later is absent from older reports)
-        "config": json.dumps(_settings({**cfg, "prune": methods_run(cfg["prune"])}),
-                             sort_keys=True, default=str),
+        "config": json.dumps(_settings(computed(cfg)), sort_keys=True, default=str),
     }
     zeroshot = report.get("zeroshot") or {}
     final_zs = zeroshot.get("finetuned") or zeroshot.get("pruned")
