@@ -83,7 +83,7 @@ def prepare(cfg: RunConfig) -> Inputs:
                             f"{'; '.join(skipped.values())})")
     # LoRA (peft), zero-shot (lm-eval) and the compact form hold the whole model at once
     whole = cfg.finetune == "lora" or bool(cfg.zeroshot.tasks) or cfg.form == "compact"
-    distilled = cfg.finetune != "none" and cfg.distill.epochs > 0
+    distilled = cfg.distill.epochs > 0  # settled: 0 with --finetune none
     inputs = prepare_dense(cfg.dense, whole_model=whole or distilled, distill=distilled)
     pattern = mask_spec.parsed_pattern()
     if pattern.is_nm:
@@ -161,7 +161,7 @@ def run_flow(cfg: RunConfig) -> dict:
         lora_artifact = run.lora(masks, dense["calibration"])
     final = run.assembly(masks, blocks, lora_artifact)
     distilled = None
-    if cfg.finetune != "none" and cfg.distill.epochs > 0:
+    if cfg.distill.epochs > 0:  # settled: 0 with --finetune none
         final = distilled = run.distill(final, dense["calibration"])
     tuned_ppl = None
     if cfg.finetune != "none":
@@ -297,20 +297,23 @@ class Run:
             lora.STAGE, spec, self.store, model=self.model, masks=masks, calibration=calib,
             device=self.device))
 
+    @property
+    def save_dtype(self) -> str:
+        """The dtype the model folders are saved in: --save-dtype, or the compute dtype."""
+        return self.dtype if self.cfg.save_dtype == "auto" else self.cfg.save_dtype
+
     def distill(self, assembled: Artifact, calib: Artifact) -> Artifact:
         """The assembled model distilled on the dense model's logits (a new folder)."""
-        save_dtype = self.dtype if self.cfg.save_dtype == "auto" else self.cfg.save_dtype
         spec = distill.DistillSpec(self.model.digest, assembled.key, calib.key,
-                                   self.cfg.distill, save_dtype)
+                                   self.cfg.distill, self.save_dtype)
         return self.log.run("distill", lambda: run_stage(
             distill.STAGE, spec, self.store, model=self.model, student=assembled,
             calibration=calib, device=self.device))
 
     def assembly(self, masks: Artifact, blocks: list[Artifact],
                  lora_artifact: Artifact | None) -> Artifact:
-        save_dtype = self.dtype if self.cfg.save_dtype == "auto" else self.cfg.save_dtype
         spec = assembly.AssemblySpec(self.model.digest, masks.key, self.blocks_key,
-                                     save_dtype, lora_artifact.key if lora_artifact else None,
+                                     self.save_dtype, lora_artifact.key if lora_artifact else None,
                                      self.cfg.form)
         return self.log.run("assembly", lambda: run_stage(
             assembly.STAGE, spec, self.store, model=self.model, masks=masks, blocks=blocks,

@@ -113,9 +113,11 @@ def label_of(cfg: RunConfig) -> str:
 def block_losses(paths: list[str]) -> dict[str, list[dict]]:
     """Per-block records of the EBFT configurations, for the per-block loss plot."""
     out = {}
-    rows = reports.load_reports([Path(p) for p in paths])
+    loaded = {str(p): json.loads(Path(p).read_text()) | {"report_path": str(p)}
+              for p in paths}
+    rows = reports.table_of(list(loaded.values()))
     for _, row in rows.iterrows():
-        blocks = json.loads(Path(row["report"]).read_text())["blocks"]
+        blocks = loaded[row["report"]]["blocks"]
         if blocks:
             label = f"{row['method']} {row['sparsity']} {row['finetune']}"
             out[with_recipe(label, row["recipe"])] = blocks

@@ -24,9 +24,10 @@ class MaskMethod:
     """A mask method: a frozen dataclass whose fields are its parameters, registered by name.
 
     ``kind`` says how the mask stage runs it: a *scorer* chooses one layer's mask from its
-    calibration statistics; a *refiner* works on a scorer's mask and is written ``scorer+refiner``
-    (DSnoT reselects it; obs keeps it and solves for the kept weights, from the dense ones); a *structured* method (FLAP) chooses whole heads and channels for the
-    whole model at once (its ``build`` does the stage's work). A new method is one module in
+    calibration statistics; a *refiner* works on a scorer's mask and is written
+    ``scorer+refiner`` (DSnoT reselects it; obs keeps it and solves for the kept weights,
+    from the dense ones); a *structured* method (FLAP) chooses whole heads and channels for
+    the whole model at once (its ``build`` does the stage's work). A new method is one module in
     this package: a subclass decorated with ``@register``; its fields become its CLI flags
     (``--<name>-<field>``, or the published name in ``flags``) and its own part of the mask
     key, and nothing else has to change.

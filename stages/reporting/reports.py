@@ -124,8 +124,13 @@ def recipes(rows: pd.DataFrame) -> list[str]:
 
 
 def load_reports(paths: list[Path]) -> pd.DataFrame:
-    rows = [flatten(json.loads(Path(p).read_text()) | {"report_path": str(p)}) for p in paths]
-    rows = pd.DataFrame(rows)
+    return table_of([json.loads(Path(p).read_text()) | {"report_path": str(p)}
+                     for p in paths])
+
+
+def table_of(reports: list[dict]) -> pd.DataFrame:
+    """Run reports (each with its ``report_path``) as rows, sorted, each with its recipe."""
+    rows = pd.DataFrame([flatten(report) for report in reports])
     return sort_rows(rows.assign(recipe=recipes(rows)) if not rows.empty else rows)
 
 

@@ -42,11 +42,17 @@ class SparseGPT(MaskMethod):
         return sparsegpt(weight, pattern, hessian, self.blocksize, self.percdamp)
 
     def problems(self) -> list[str]:
-        return [message for ok, message in (
-            (self.blocksize >= 1, f"--blocksize {self.blocksize}: must be at least 1"),
-            (0 < self.percdamp <= 1,
-             (f"--percdamp {self.percdamp}: must be in (0, 1], a fraction of the mean "
-              "Hessian diagonal (SparseGPT uses 0.01)"))) if not ok]
+        return update_problems(self)
+
+
+def update_problems(method: SparseGPT | OBS) -> list[str]:
+    """The checks of the update's parameters, each naming the method's own flag."""
+    return [message for ok, message in (
+        (method.blocksize >= 1,
+         f"{method.flag('blocksize')} {method.blocksize}: must be at least 1"),
+        (0 < method.percdamp <= 1,
+         (f"{method.flag('percdamp')} {method.percdamp}: must be in (0, 1], a fraction of "
+          "the mean Hessian diagonal (SparseGPT uses 0.01)"))) if not ok]
 
 
 def sparsegpt(weight: torch.Tensor, pattern: Pattern, hessian: torch.Tensor,
@@ -109,8 +115,4 @@ class OBS(MaskMethod):
         return sparsegpt(weight, pattern, hessian, self.blocksize, self.percdamp, keep=keep)
 
     def problems(self) -> list[str]:
-        return [message for ok, message in (
-            (self.blocksize >= 1,
-             f"{self.flag('blocksize')} {self.blocksize}: must be at least 1"),
-            (0 < self.percdamp <= 1,
-             f"{self.flag('percdamp')} {self.percdamp}: must be in (0, 1]")) if not ok]
+        return update_problems(self)
