@@ -27,7 +27,7 @@ from results_file import write_results
 
 from stages.evaluation.perplexity import token_windows
 from stages.inputs import calibration, data
-from stages.recovery.distill import DistillSettings, distill
+from stages.recovery.distill import DistillSettings, captured_teacher, distill
 from store import Artifact
 
 
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = calibration.load(Artifact(**report["calibration"]))
     torch.manual_seed(0)
 
-    teacher, student = load(report["model"]["path"]), load(report["model_folder"])
+    teacher, student = captured_teacher(Artifact(**report["activations"])), \
+        load(report["model_folder"])
     reported = report["perplexity"]["finetuned"]["perplexity"]
     before = reported if args.skip_before else perplexity(student, windows)
     started = time.monotonic()

@@ -120,8 +120,8 @@ def check_resources(cfg: DenseConfig, store: Store, meta, dtype: str, capture_st
     for what is held at once: the stages read one block at a time, so one block in training
     (fp32 weights, gradients and AdamW's two moments) and the embeddings and head; the whole
     model instead when a stage needs it (``whole_model``: LoRA, zero-shot, compact form);
-    for distillation, the dense model and the student in fp32, the blocks' gradients and
-    AdamW's moments, and a window's logits; plus the calibration tokens and a batch of
+    for distillation, the student in fp32, the blocks' gradients and AdamW's moments, and
+    a window's logits (student's, teacher's, the gradient); plus the calibration tokens and a batch of
     activations."""
     import stages.model.architecture as arch
 
@@ -134,7 +134,7 @@ def check_resources(cfg: DenseConfig, store: Store, meta, dtype: str, capture_st
     held = weight_bytes if whole_model else \
         4 * block * 4 + (params - layers * block) * (4 if dtype == "float32" else 2)
     if distill:
-        held = max(held, 8 * params + 12 * layers * block
+        held = max(held, 4 * params + 12 * layers * block
                    + 4 * 4 * cfg.seqlen * config.vocab_size)
     disk = (0 if capture_stored else (layers + 1) * window) + 4 * window + 2 * weight_bytes
     memory = held + cfg.nsamples * cfg.seqlen * 8 + \

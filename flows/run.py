@@ -162,7 +162,7 @@ def run_flow(cfg: RunConfig) -> dict:
     final = run.assembly(masks, blocks, lora_artifact)
     distilled = None
     if cfg.distill.epochs > 0:  # settled: 0 with --finetune none
-        final = distilled = run.distill(final, dense["calibration"])
+        final = distilled = run.distill(final, dense)
     tuned_ppl = None
     if cfg.finetune != "none":
         final_model = assembly.as_model_source(final, f"{inputs.model.name} {cfg.finetune}")
@@ -302,13 +302,13 @@ class Run:
         """The dtype the model folders are saved in: --save-dtype, or the compute dtype."""
         return self.dtype if self.cfg.save_dtype == "auto" else self.cfg.save_dtype
 
-    def distill(self, assembled: Artifact, calib: Artifact) -> Artifact:
+    def distill(self, assembled: Artifact, dense: dict) -> Artifact:
         """The assembled model distilled on the dense model's logits (a new folder)."""
-        spec = distill.DistillSpec(self.model.digest, assembled.key, calib.key,
-                                   self.cfg.distill, self.save_dtype)
+        spec = distill.DistillSpec(dense["activations"].key, assembled.key,
+                                   dense["calibration"].key, self.cfg.distill, self.save_dtype)
         return self.log.run("distill", lambda: run_stage(
-            distill.STAGE, spec, self.store, model=self.model, student=assembled,
-            calibration=calib, device=self.device))
+            distill.STAGE, spec, self.store, activations=dense["activations"],
+            student=assembled, calibration=dense["calibration"], device=self.device))
 
     def assembly(self, masks: Artifact, blocks: list[Artifact],
                  lora_artifact: Artifact | None) -> Artifact:

@@ -13,7 +13,7 @@ from test_run import config, linear_weights
 
 import stages.model.architecture as arch
 from flows.run import run_flow
-from stages.recovery.distill import DistillSettings, distill, kd_loss
+from stages.recovery.distill import DistillSettings, distill, kd_loss, last_block_outputs
 
 
 def test_kd_loss_is_the_mean_kl_over_tokens():
@@ -24,6 +24,38 @@ def test_kd_loss_is_the_mean_kl_over_tokens():
     expected = (p * (p.log() - q.log())).sum(-1).mean().item()
     assert kd_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
     assert kd_loss(student, teacher).item() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kd_loss_gradient_is_autograds_through_the_plain_form(dtype):
+    """The fused loss (rows at a time, its gradient computed in the forward pass) against
+    autograd through log_softmax and kl_div, on more rows than one chunk."""
+    gen = torch.Generator().manual_seed(0)
+    student = (3 * torch.randn(2, 37, 50, generator=gen)).to(dtype).requires_grad_(True)
+    teacher = (3 * torch.randn(2, 37, 50, generator=gen)).to(dtype)
+    plain = torch.nn.functional.kl_div(
+        student.float().log_softmax(-1).flatten(0, 1), teacher.float().log_softmax(-1)
+        .flatten(0, 1), log_target=True, reduction="batchmean")
+    expected, = torch.autograd.grad(2.5 * plain, student)
+    loss = kd_loss(student, teacher, rows=16)
+    (2.5 * loss).backward()
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert student.grad.dtype == dtype
+    torch.testing.assert_close(student.grad.float(), expected.float(),
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+
+
+def test_the_teacher_is_the_head_on_the_last_block_output(tmp_path):
+    """What the stage reads from the capture (the last boundary), through the final norm
+    and head, gives the dense model's own logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "m")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 24),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = arch.output_head(model)(last_block_outputs(model, ids))
+        torch.testing.assert_close(logits, model(ids).logits)
 
 
 def test_distillation_moves_the_student_towards_the_teacher_and_keeps_its_zeros(tmp_path):
@@ -45,8 +77,9 @@ def test_distillation_moves_the_student_towards_the_teacher_and_keeps_its_zeros(
             return kd_loss(student(tokens).logits, teacher(tokens).logits).item()
 
     before = gap()
-    record = distill(student, teacher, tokens, DistillSettings(epochs=3, lr=3e-3),
-                     torch.device("cpu"), log=lambda _: None)
+    record = distill(student, lambda row: last_block_outputs(teacher, tokens[row:row + 1]),
+                     tokens, DistillSettings(epochs=3, lr=3e-3), torch.device("cpu"),
+                     log=lambda _: None)
     assert gap() < 0.8 * before
     assert record["steps"] == 24 and len(record["train_losses"]) == 3
     for name, zero in zeros.items():

@@ -9,15 +9,18 @@ distributions, KL(dense ‖ sparse), so the blocks' remaining errors are traded 
 other where the output sees them. One epoch over the 16 default windows at lr 1e-4 took
 SmolLM2-135M from 35.02 to 32.81 validation perplexity (docs/results.md).
 
-It holds the whole model, the dense one and AdamW's two moments (about 18 bytes per
-parameter in fp32, before activations), unlike the block pass: on a 7B model it needs a
-large accelerator, and it is off unless ``--distill-epochs`` is given.
+The teacher is not a second model: the dense capture already holds the dense model's last
+block output for every calibration window, and the student's own final norm and head (never
+trained) turn it into the dense logits. The stage holds the student and AdamW's two moments
+(about 14 bytes per parameter in fp32, before activations), unlike the block pass: on a 7B
+model it needs a large accelerator, and it is off unless ``--distill-epochs`` is given.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,18 +54,61 @@ class DistillSettings:
 
 @dataclass(frozen=True)
 class DistillSpec(Spec):
-    model_digest: str  # the dense model: the teacher
+    activations_key: str  # the dense capture: its last boundary is the teacher
     student_key: str  # the assembled model folder (EBFT's or LoRA's blocks in it)
     calibration_key: str  # the training windows
     settings: DistillSettings
     dtype: str  # the dtype the result is saved in (the assembled folder's)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student) of the next-token distributions, the mean over tokens."""
-    student = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
-    teacher = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+class _KLToTeacher(torch.autograd.Function):
+    """KL(teacher ‖ student) with its gradient, ``(softmax(s) - softmax(t)) / tokens``,
+    computed in the same pass, a few rows at a time. Why: the vocabulary is wide (49k for
+    SmolLM2), and the plain form (two fp32 log-softmaxes, ``kl_div`` and autograd through
+    them) spent 2 of a step's 10 s on one 1024-token window; rows that fit in cache take
+    0.3 s and keep nothing but the gradient for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, rows: int):
+        s, t = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+        n = s.shape[0]
+        grad = torch.empty_like(s)
+        total = torch.zeros((), dtype=torch.float64, device=s.device)
+        for i in range(0, n, rows):
+            log_q = F.log_softmax(s[i:i + rows].float(), dim=-1)
+            log_p = F.log_softmax(t[i:i + rows].float(), dim=-1)
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum().double()
+            grad[i:i + rows] = log_q.exp_().sub_(p).div_(n)
+        ctx.save_for_backward(grad)
+        ctx.shape = student.shape
+        return (total / n).float()
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (grad,) = ctx.saved_tensors
+        return (grad * upstream).reshape(ctx.shape), None, None
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            rows: int = 16) -> torch.Tensor:
+    """KL(teacher ‖ student) of the next-token distributions, the mean over tokens (fp32
+    maths whatever the logits' dtype); differentiable in ``student_logits`` only."""
+    return _KLToTeacher.apply(student_logits, teacher_logits.detach(), rows)
+
+
+def last_block_outputs(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The dense model's last block output (before the final norm), as the capture stores
+    it as its last boundary: what tests and probes without a capture use as the teacher."""
+    seen = []
+    handle = arch.decoder_blocks(model)[-1].register_forward_hook(
+        lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        handle.remove()
+    return seen[0]
 
 
 def trainable(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -78,12 +124,18 @@ def trainable(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return weights, gates
 
 
-def distill(student, teacher, tokens: torch.Tensor, settings: DistillSettings,
-            device: torch.device, log=print) -> dict:
+def distill(student, teacher_hidden: Callable[[int], torch.Tensor], tokens: torch.Tensor,
+            settings: DistillSettings, device: torch.device, log=print) -> dict:
     """Train ``student`` in place on KL(teacher ‖ student), one window per step, AdamW
-    (0.9, 0.95), linear decay, gradient norm clipped at 1; returns the record."""
+    (0.9, 0.95), linear decay, gradient norm clipped at 1; returns the record.
+
+    ``teacher_hidden(row)`` is the dense model's last block output on window ``row`` (the
+    capture's last boundary): the teacher's logits are the student's own final norm and
+    head on it (the two are not trained, so they are the dense model's), so no dense model
+    is loaded or run."""
     from stages.recovery.block_training import bf16_is_fast, lr_factor
 
+    to_logits = arch.output_head(student)
     weights, gates = trainable(student)
     optimizer = torch.optim.AdamW(weights, lr=settings.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0, fused=device.type in ("cpu", "cuda"))
@@ -99,7 +151,7 @@ def distill(student, teacher, tokens: torch.Tensor, settings: DistillSettings,
         for row in torch.randperm(len(tokens), generator=gen).tolist():
             ids = tokens[row:row + 1].to(device)
             with torch.no_grad(), amp:
-                target = teacher(input_ids=ids).logits
+                target = to_logits(teacher_hidden(row).to(device, torch.float32))
             with amp:
                 loss = kd_loss(student(input_ids=ids).logits, target)
             if not torch.isfinite(loss):
@@ -126,8 +178,18 @@ def distill(student, teacher, tokens: torch.Tensor, settings: DistillSettings,
             "trainable_parameters": int(sum(g.sum().item() for g in gates))}
 
 
-def build(spec: DistillSpec, out: Path, model, student: Artifact, calibration: Artifact,
-          device: str) -> None:
+def captured_teacher(activations: Artifact) -> Callable[[int], torch.Tensor]:
+    """Window ``row``'s dense last block output, read from the capture's last boundary."""
+    import store.activations as acts
+    from stages.inputs.capture import ZARR_NAME
+
+    group = acts.open_group(Path(activations.path) / ZARR_NAME)
+    last = group.attrs["n_boundaries"] - 1  # boundaries 0..n_blocks
+    return lambda row: acts.read(group, last, row, row + 1)
+
+
+def build(spec: DistillSpec, out: Path, activations: Artifact, student: Artifact,
+          calibration: Artifact, device: str) -> None:
     """The assembled folder, its blocks' weights distilled: same files, new weights."""
     from stages.inputs import calibration as calib
     from stages.model.assembly import as_model_source
@@ -136,11 +198,9 @@ def build(spec: DistillSpec, out: Path, model, student: Artifact, calibration: A
     from stages.progress import logger
 
     where = resolve_device(device)
-    teacher = load_model(model, torch.float32).to(where)
     tuned = load_model(as_model_source(student, "student"), torch.float32).to(where)
-    record = distill(tuned, teacher, calib.load(calibration), spec.settings, where,
-                     logger().info)
-    del teacher
+    record = distill(tuned, captured_teacher(activations), calib.load(calibration),
+                     spec.settings, where, logger().info)
     for item in Path(student.path).iterdir():  # config, tokenizer, sparsity.json
         if item.is_file() and not item.name.startswith("model") and item.name not in (
                 "DIGEST", "STAMP"):
