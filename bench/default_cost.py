@@ -5,7 +5,7 @@
 Both are `ebft run` from an empty store, one after the other in the same session on the
 same machine, so the ratio does not depend on which CPU ran them. "previous" is the default
 recipe before issue 22 written as flags of today's code (uniform sparsity, masks chosen
-once, batch 2, lr 1e-3, plain MSE). Prints a Markdown table and writes JSON.
+once, batch 2, lr 1e-3, plain MSE, two block epochs, no distillation). Prints a Markdown table and writes JSON.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from results_file import write_results
 
 RECIPES: dict[str, list[str]] = {
     "previous": ["--layer-sparsity", "uniform", "--remask", "off", "--train-batch-size", "2",
-                 "--lr", "1e-3", "--loss", "mse"],
+                 "--lr", "1e-3", "--loss", "mse", "--epochs", "2", "--distill-epochs", "0"],
     "default": [],
 }
 STAGES = ("dense-capture", "masks", "ebft", "perplexity-finetuned")

@@ -29,14 +29,17 @@ from results_file import write_results
 # flags, so a variant's name keeps its meaning when the defaults change; "default" is
 # whatever the code's defaults are now.
 PREVIOUS = ["--layer-sparsity", "uniform", "--remask", "off", "--train-batch-size", "2",
-            "--lr", "1e-3", "--loss", "mse"]
-SECOND: list[str] = []  # today's defaults: the second round's (OWL, remask, batch 1, 2e-3)
+            "--lr", "1e-3", "--loss", "mse", "--epochs", "2", "--distill-epochs", "0"]
+# the second round's defaults (OWL, remask, batch 1, lr 2e-3; two block epochs, no
+# distillation): what the third and fourth rounds were measured against
+SECOND = ["--epochs", "2", "--distill-epochs", "0"]
 OWL_REMASK_BATCH1 = ["--layer-sparsity", "owl", "--remask", "on", "--train-batch-size", "1"]
 
 # name -> every flag of `ebft run` that differs from today's defaults
 VARIANTS: dict[str, list[str]] = {
     "default": [],
     "previous": PREVIOUS,
+    "second": SECOND,
     "nmse": [*PREVIOUS, "--loss", "nmse"],
     "cosine": [*PREVIOUS, "--schedule", "cosine", "--warmup", "0.1"],
     "lr2e-3": [*PREVIOUS, "--lr", "2e-3"],
@@ -50,7 +53,7 @@ VARIANTS: dict[str, list[str]] = {
     "owl": [*PREVIOUS, "--layer-sparsity", "owl"],
     "owl-remask": [*PREVIOUS, "--layer-sparsity", "owl", "--remask", "on"],
     "owl-remask-batch1": [*PREVIOUS, *OWL_REMASK_BATCH1],
-    "owl-remask-batch1-lr2e-3": [*PREVIOUS, *OWL_REMASK_BATCH1, "--lr", "2e-3"],  # = default
+    "owl-remask-batch1-lr2e-3": [*PREVIOUS, *OWL_REMASK_BATCH1, "--lr", "2e-3"],  # = second
     "owl-remask-batch1-lr4e-3": [*PREVIOUS, *OWL_REMASK_BATCH1, "--lr", "4e-3"],
     "generated": [*PREVIOUS, "--calibration", "generated"],
     # third round, each on the second round's defaults
@@ -62,10 +65,10 @@ VARIANTS: dict[str, list[str]] = {
     "cosine-now": [*SECOND, "--schedule", "cosine"],
     "holdout0": [*SECOND, "--holdout", "0"],
     "lr3e-3": [*SECOND, "--lr", "3e-3"],
-    "capped": ["--loss", "capped"],
-    "nmse-now": ["--loss", "nmse"],
+    "capped": [*SECOND, "--loss", "capped"],
+    "nmse-now": [*SECOND, "--loss", "nmse"],
     # fourth round: the whole model distilled on the dense logits after the block pass
-    "distill": ["--distill-epochs", "1"],
+    "distill": ["--epochs", "2", "--distill-epochs", "1"],
     "distill-e1": ["--epochs", "1", "--distill-epochs", "1"],
 }
 

@@ -65,7 +65,9 @@ def prepare_dense(cfg: DenseConfig, whole_model: bool = False, distill: bool = F
     capture_spec = capture.CaptureSpec(model.digest, calib_spec.key(), dtype, cfg.batch_size)
     check_resources(cfg, store, meta, dtype,
                     capture_stored=store.get("activations", capture_spec.key()) is not None,
-                    whole_model=whole_model, distill=distill)
+                    whole_model=whole_model)
+    if distill:
+        check_distill_memory(cfg, meta, device)
     return Inputs(store, directory, device, dtype, model)
 
 
@@ -115,13 +117,11 @@ def deployment_run() -> bool:
 
 
 def check_resources(cfg: DenseConfig, store: Store, meta, dtype: str, capture_stored: bool,
-                    whole_model: bool = False, distill: bool = False) -> None:
+                    whole_model: bool = False) -> None:
     """Disk for the capture (unless stored), boundaries, masks and the saved model. Memory
     for what is held at once: the stages read one block at a time, so one block in training
     (fp32 weights, gradients and AdamW's two moments) and the embeddings and head; the whole
-    model instead when a stage needs it (``whole_model``: LoRA, zero-shot, compact form);
-    for distillation, the student in fp32, the blocks' gradients and AdamW's moments, and
-    a window's logits (student's, teacher's, the gradient); plus the calibration tokens and a batch of
+    model instead when a stage needs it (``whole_model``: LoRA, zero-shot, compact form); plus the calibration tokens and a batch of
     activations."""
     import stages.model.architecture as arch
 
@@ -133,13 +133,38 @@ def check_resources(cfg: DenseConfig, store: Store, meta, dtype: str, capture_st
     block = sum(p.numel() for p in arch.decoder_blocks(meta)[0].parameters())
     held = weight_bytes if whole_model else \
         4 * block * 4 + (params - layers * block) * (4 if dtype == "float32" else 2)
-    if distill:
-        held = max(held, 4 * params + 12 * layers * block
-                   + 4 * 4 * cfg.seqlen * config.vocab_size)
     disk = (0 if capture_stored else (layers + 1) * window) + 4 * window + 2 * weight_bytes
     memory = held + cfg.nsamples * cfg.seqlen * 8 + \
         8 * cfg.batch_size * cfg.seqlen * max(hidden, config.intermediate_size) * 4
     checks.resources(store.root, disk, memory)
+
+
+def distill_bytes(cfg: DenseConfig, meta) -> int:
+    """What distillation holds at once: the student in fp32, its blocks' gradients,
+    AdamW's two moments and keep-masks (17 bytes a block weight), and a window's logits in
+    fp32 (the student's, the teacher's, their gradient and a copy)."""
+    import stages.model.architecture as arch
+
+    params = sum(p.numel() for p in meta.parameters())
+    blocks = sum(p.numel() for p in arch.decoder_blocks(meta).parameters())
+    return 4 * params + 13 * blocks + 4 * 4 * cfg.seqlen * meta.config.vocab_size
+
+
+def check_distill_memory(cfg: DenseConfig, meta, device: torch.device) -> None:
+    """Distillation trains the whole model at once, unlike every other stage: refuse a
+    model the device cannot hold before any stage runs, naming the way out (the block pass
+    alone needs one block at a time)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+    elif device.type == "cpu":
+        free = checks.available_memory()
+    else:
+        return  # no way to ask (mps shares the host's memory)
+    need = distill_bytes(cfg, meta)
+    if need > free:
+        raise UserError(f"distillation (--distill-epochs) needs about {checks.gib(need)} on "
+                        f"{device} and {checks.gib(free)} is free; pass --distill-epochs 0 "
+                        "to skip it (the block pass needs one block at a time)")
 
 
 prepare = prepare_dense

@@ -13,7 +13,13 @@ from test_run import config, linear_weights
 
 import stages.model.architecture as arch
 from flows.run import run_flow
-from stages.recovery.distill import DistillSettings, distill, kd_loss, last_block_outputs
+from stages.recovery.distill import (
+    DistillSettings,
+    distill,
+    kd_loss,
+    last_block_outputs,
+    output_head,
+)
 
 
 def test_kd_loss_is_the_mean_kl_over_tokens():
@@ -54,7 +60,7 @@ def test_the_teacher_is_the_head_on_the_last_block_output(tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (1, 24),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = arch.output_head(model)(last_block_outputs(model, ids))
+        logits = output_head(model)(last_block_outputs(model, ids))
         torch.testing.assert_close(logits, model(ids).logits)
 
 
@@ -111,3 +117,29 @@ def test_the_main_job_distils_the_recovered_model_once(prefect_server, tmp_path,
     again = run_flow(cfg)
     assert again["states"]["distill"].startswith("Cached")
     assert again["perplexity"]["finetuned"] == report["perplexity"]["finetuned"]
+
+
+def test_distillation_that_does_not_fit_the_accelerator_is_refused_before_any_stage(
+        tmp_path, monkeypatch):
+    """The one stage that holds the whole model in training: on a GPU without room for it
+    the run stops at the checks, naming --distill-epochs 0, instead of failing after the
+    block pass."""
+    from flows import dense
+    from flows.config import DenseConfig
+    from stages.errors import UserError
+    from stages.model.model_source import ModelSource, meta_model
+
+    folder = build_tiny_model(tmp_path / "m")
+    meta = meta_model(ModelSource("tiny", str(folder), "digest"))
+    need = dense.distill_bytes(DenseConfig(), meta)
+    blocks = sum(p.numel() for p in arch.decoder_blocks(meta).parameters())
+    assert need > 4 * sum(p.numel() for p in meta.parameters()) + 13 * blocks - 1
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need + 1, 2 * need))
+    dense.check_distill_memory(DenseConfig(), meta, cuda)  # fits: no error
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need - 1, 2 * need))
+    with pytest.raises(UserError, match="pass --distill-epochs 0 to skip it"):
+        dense.check_distill_memory(DenseConfig(), meta, cuda)
+    monkeypatch.setattr(dense.checks, "available_memory", lambda: need - 1)
+    with pytest.raises(UserError, match="on cpu and .* pass --distill-epochs 0"):
+        dense.check_distill_memory(DenseConfig(), meta, torch.device("cpu"))

@@ -79,11 +79,6 @@ def to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None
     return value
 
 
-def output_head(model: nn.Module) -> nn.Module:
-    """The last block's output to logits: the final norm, then the output embedding."""
-    return nn.Sequential(model.get_decoder().norm, model.get_output_embeddings())
-
-
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out

@@ -163,7 +163,7 @@ class BlockLoader:
 
     def head(self) -> nn.Module:
         """The last block's output to logits: the final norm, then the output embedding."""
-        return arch.output_head(self.shell)
+        return nn.Sequential(self.shell.get_decoder().norm, self.shell.get_output_embeddings())
 
     def blocks(self, device: torch.device,
                edit: Callable[[nn.Module, int], None] | None = None) -> Iterator[nn.Module]:

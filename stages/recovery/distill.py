@@ -97,6 +97,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return _KLToTeacher.apply(student_logits, teacher_logits.detach(), rows)
 
 
+def output_head(model) -> torch.nn.Module:
+    """The last block's output to logits: the final norm, then the output embedding."""
+    return torch.nn.Sequential(model.get_decoder().norm, model.get_output_embeddings())
+
+
 def last_block_outputs(model, input_ids: torch.Tensor) -> torch.Tensor:
     """The dense model's last block output (before the final norm), as the capture stores
     it as its last boundary: what tests and probes without a capture use as the teacher."""
@@ -112,16 +117,16 @@ def last_block_outputs(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def trainable(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The blocks' linear weights, each with its 0/1 gate (1 where it is not pruned);
+    """The blocks' linear weights, each with its keep-mask (True where it is not pruned);
     everything else (embeddings, norms, head) frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
     weights = [linear.weight for block in arch.decoder_blocks(model)
                for linear in arch.linear_layers(block).values()]
-    gates = [(w != 0).to(w.dtype) for w in weights]
+    keep = [w != 0 for w in weights]  # one byte a weight
     for w in weights:
         w.requires_grad_(True)
-    return weights, gates
+    return weights, keep
 
 
 def distill(student, teacher_hidden: Callable[[int], torch.Tensor], tokens: torch.Tensor,
@@ -135,8 +140,8 @@ def distill(student, teacher_hidden: Callable[[int], torch.Tensor], tokens: torc
     is loaded or run."""
     from stages.recovery.block_training import bf16_is_fast, lr_factor
 
-    to_logits = arch.output_head(student)
-    weights, gates = trainable(student)
+    to_logits = output_head(student)
+    weights, keep = trainable(student)
     optimizer = torch.optim.AdamW(weights, lr=settings.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0, fused=device.type in ("cpu", "cuda"))
     total = settings.epochs * len(tokens)
@@ -158,8 +163,8 @@ def distill(student, teacher_hidden: Callable[[int], torch.Tensor], tokens: torc
                 raise UserError(f"distillation: loss is {loss.item()} at step {step + 1}; "
                                 "lower --distill-lr")
             loss.backward()
-            for w, gate in zip(weights, gates, strict=True):
-                w.grad.mul_(gate)
+            for w, kept in zip(weights, keep, strict=True):
+                w.grad.masked_fill_(~kept, 0)
             torch.nn.utils.clip_grad_norm_(weights, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -169,13 +174,13 @@ def distill(student, teacher_hidden: Callable[[int], torch.Tensor], tokens: torc
         epoch_losses.append(total_loss / len(tokens))
         log(f"distill epoch {epoch + 1}: KL {epoch_losses[-1]:.4f}")
     student.eval()
-    for w, gate in zip(weights, gates, strict=True):
+    for w, kept in zip(weights, keep, strict=True):
         w.requires_grad_(False)
-        if (w * (1 - gate)).any():  # never expected: masked gradients keep zeros zero
+        if w[~kept].any():  # never expected: masked gradients keep zeros zero
             raise RuntimeError("distillation moved a pruned weight")
     return {"train_losses": epoch_losses, "steps": step,
             "seconds": round(time.monotonic() - started, 2),
-            "trainable_parameters": int(sum(g.sum().item() for g in gates))}
+            "trainable_parameters": int(sum(k.sum().item() for k in keep))}
 
 
 def captured_teacher(activations: Artifact) -> Callable[[int], torch.Tensor]:
