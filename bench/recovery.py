@@ -68,8 +68,9 @@ VARIANTS: dict[str, list[str]] = {
     "capped": [*SECOND, "--loss", "capped"],
     "nmse-now": [*SECOND, "--loss", "nmse"],
     # fourth round: the whole model distilled on the dense logits after the block pass
-    "distill": ["--epochs", "2", "--distill-epochs", "1"],
-    "distill-e1": ["--epochs", "1", "--distill-epochs", "1"],
+    "distill": ["--epochs", "2", "--distill-epochs", "1", "--distill-lr", "1e-4"],
+    "distill-e1": ["--epochs", "1", "--distill-epochs", "1", "--distill-lr", "1e-4"],
+    "distill-e1-lr2e-4": ["--epochs", "1", "--distill-epochs", "1", "--distill-lr", "2e-4"],
 }
 
 

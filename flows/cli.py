@@ -164,8 +164,8 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
            "the paper) or dense (on the dense model's, from the capture: the blocks are "
            "independent and run at once on the task runner)")
     distilled = run.add_argument_group(
-        "distillation of the whole recovered model on the dense model's logits, after "
-        "EBFT or LoRA (holds the whole model, the dense one and AdamW's moments)")
+        "distillation of the whole recovered model on the dense model's logits (from the "
+        "capture), after EBFT or LoRA; it holds the whole model and AdamW's moments")
     option(distilled, "--distill-epochs", "distill.epochs", "epochs over the calibration "
            "windows; 0: off")
     option(distilled, "--distill-lr", "distill.lr", "AdamW learning rate")
