@@ -2,7 +2,7 @@
 
     EBFT_DATA_DIR=../shared/data python bench/targets.py --work /tmp/targets \
         [--cases wanda-50,wanda-2:4,wanda-70,sparsegpt-50] [--eval-windows all] \
-        [--tasks arc_easy,piqa --zeroshot-limit 500] [--run-flags '--distill-epochs 1']
+        [--tasks arc_easy,piqa --zeroshot-limit 500] [--run-flags '--distill-epochs 0']
 
 Each case is one `ebft run` at the defaults with its mask flags, plus the same mask at
 uniform block sparsity without fine-tuning (the starting point the targets were set
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--zeroshot-limit", default="500")
     parser.add_argument("--run-flags", default="",
                         help="flags for each case's recovered run, not its uniform start, "
-                        "e.g. '--distill-epochs 1'")
+                        "e.g. '--distill-epochs 0'")
     parser.add_argument("--out", default="bench/results/targets.json")
     return parser.parse_args(argv)
 

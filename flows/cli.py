@@ -454,6 +454,8 @@ def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
         if cfg.train.tune == "mask":
             refuse(("train.lr", "train.weight_decay", "train.train_norms"),
                    "--tune mask trains scores at --mask-lr, the weights stay frozen")
+            refuse(("distill",), "--tune mask keeps the weights, and distillation trains "
+                   "them (it is off after mask tuning)")
         else:
             refuse(("train.mask_lr",), "it is the score learning rate of --tune mask")
     running = cfg.prune.method.split("+")

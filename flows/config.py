@@ -117,13 +117,14 @@ class RunConfig:
 
 # "default" is the dataclasses' own defaults. "paper" is the paper's setting: 256 x 1024 C4
 # windows, up to 10 epochs at lr 2e-4 with batch 8, the full Wikitext-2 test set, every
-# block at the same sparsity, masks chosen once. Our default lr is 2e-3 (batch 1): it reaches
-# a much lower block loss (bench/vs_authors.py) and perplexity (bench/recovery.py).
+# block at the same sparsity, masks chosen once, no distillation. Our default lr is 2e-3
+# (batch 1): it reaches a much lower block loss (bench/vs_authors.py) and perplexity
+# (bench/recovery.py).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": {"dense.nsamples": 256, "dense.eval_windows": None, "train.max_epochs": 10,
               "train.batch_size": 8, "train.lr": 2e-4, "prune.layer_sparsity": "uniform",
-              "train.remask": False},
+              "train.remask": False, "distill.epochs": 0},
 }
 
 
@@ -138,8 +139,9 @@ def settled(cfg: RunConfig) -> RunConfig:
     """``cfg`` with its "auto" choices made, from the rest of it (issue 22 measured both as
     gains on held-out data): OWL block sparsities wherever one unstructured sparsity is asked
     for and OWL's spread fits inside it, and re-masking wherever EBFT trains the blocks one
-    after another on masks of single weights. A choice given explicitly is kept, so that
-    ``prepare`` refuses one that does not apply."""
+    after another on masks of single weights. Distillation is off where no recovery trains
+    the weights. A choice given explicitly is kept, so that ``prepare`` refuses one that
+    does not apply."""
     prune, train = cfg.prune, cfg.train
     if prune.layer_sparsity == "auto":
         owl = why_no_owl(replace(prune, layer_sparsity="owl")) is None
@@ -149,7 +151,11 @@ def settled(cfg: RunConfig) -> RunConfig:
                         and train.block_inputs == "sequential"
                         and prune.mask_inputs == "sequential"
                         and not is_structured(prune.method))
-    distill = cfg.distill if cfg.finetune != "none" else DistillSettings()  # nothing to distil
+    # distillation trains the weights: after a recovery that trains them too (not after
+    # --finetune none, nor after --tune mask, whose recovered weights are the dense ones)
+    trains_weights = cfg.finetune == "lora" or (cfg.finetune == "ebft"
+                                                and cfg.train.tune == "weights")
+    distill = cfg.distill if trains_weights else DistillSettings(epochs=0)
     return replace(cfg, prune=prune, train=train, distill=distill)
 
 

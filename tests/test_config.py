@@ -22,7 +22,8 @@ def test_without_flags_a_run_is_the_config_defaults_and_the_default_preset_is_em
     assert PRESETS["default"] == {}
     assert parse()[0] == RunConfig() == build_config()
     # the EBFT settings a deployment gets from YAML without naming them are the CLI's too
-    assert (RunConfig().train.max_epochs, RunConfig().train.batch_size) == (2, 1)
+    assert (RunConfig().train.max_epochs, RunConfig().train.batch_size,
+            RunConfig().distill.epochs) == (1, 1, 1)
 
 
 def test_the_parser_holds_no_default_of_its_own():
@@ -32,15 +33,19 @@ def test_the_parser_holds_no_default_of_its_own():
     assert not [name for name in vars(run) if name.startswith("set:")]
 
 
-@pytest.mark.parametrize("flags, lr, epochs", [
-    ([], 2e-3, 2),  # our default: 10x the paper's rate (bench/vs_authors.py, bench/recovery.py)
-    (["--preset", "paper"], 2e-4, 10),  # the paper's own settings
-    (["--preset", "paper", "--lr", "5e-4"], 5e-4, 10),  # a flag given wins over the preset
-    (["--preset", "paper", "--set", "train.lr=5e-4"], 5e-4, 10),  # and so does --set
+@pytest.mark.parametrize("flags, lr, epochs, distill", [
+    # our default: 10x the paper's rate (bench/vs_authors.py, bench/recovery.py), one block
+    # epoch, then one of distillation (issue 22)
+    ([], 2e-3, 1, 1),
+    (["--preset", "paper"], 2e-4, 10, 0),  # the paper's own settings: no distillation
+    (["--preset", "paper", "--lr", "5e-4"], 5e-4, 10, 0),  # a flag given wins over the preset
+    (["--preset", "paper", "--set", "train.lr=5e-4"], 5e-4, 10, 0),  # and so does --set
+    (["--preset", "paper", "--distill-epochs", "2"], 2e-4, 10, 2),
 ])
-def test_presets_are_partial_configs_and_flags_win(flags, lr, epochs):
+def test_presets_are_partial_configs_and_flags_win(flags, lr, epochs, distill):
     cfg, _ = parse(*flags)
-    assert (cfg.train.lr, cfg.train.max_epochs, cfg.train.max_grad_norm) == (lr, epochs, 1.0)
+    assert (cfg.train.lr, cfg.train.max_epochs, cfg.train.max_grad_norm,
+            cfg.distill.epochs) == (lr, epochs, 1.0, distill)
 
 
 def test_set_reaches_every_field_with_its_type():

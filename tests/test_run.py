@@ -316,7 +316,7 @@ def test_prefect_yaml_deployment_parameters_are_valid_configs(monkeypatch):
     run = next(d for d in deployments if d["entrypoint"] == "flows.run:run_flow")
     cfg = run_flow.validate_parameters(run["parameters"])["cfg"]
     assert isinstance(cfg, RunConfig) and cfg.prune.method == "wanda"
-    assert cfg.train.max_epochs == 2 and cfg.dense.eval_windows is None
+    assert cfg.train.max_epochs == 1 and cfg.dense.eval_windows is None
     assert cfg.dense.store == "/shared/store" and cfg.dense.data_dir is None
     from flows.sweep import SweepConfig, expand, sweep_flow
 
@@ -335,15 +335,18 @@ def test_prefect_yaml_deployment_parameters_are_valid_configs(monkeypatch):
 
     preset = build_config("paper")  # the paper deployment is the paper preset on a GPU
     assert paper.base.train == preset.train and paper.base.dense.eval_windows is None
+    assert paper.base.distill == preset.distill and preset.distill.epochs == 0
     assert paper.base.dense.nsamples == preset.dense.nsamples == 256
-    assert cfg.train == build_config().train  # the nightly main job is the default preset
+    # the nightly main job is the default preset
+    assert (cfg.train, cfg.distill) == (build_config().train, build_config().distill)
+    assert nightly["sweep"].base.distill.epochs == 0  # the paper's rows: EBFT alone
 
 
 def test_no_block_task_loads_the_whole_model(prefect_server, tmp_path, model, data_dir,
                                              monkeypatch):
-    """Whole-model loads in a run: none. Capture, masks, EBFT's blocks, the three
-    perplexities and assembly read one block at a time (only LoRA, zero-shot and
-    --form compact load the whole model)."""
+    """Whole-model loads in a run: one, the distillation's student. Capture, masks, EBFT's
+    blocks, the three perplexities and assembly read one block at a time (only
+    distillation, LoRA, zero-shot and --form compact load the whole model)."""
     from transformers import AutoModelForCausalLM
 
     loads = []
@@ -354,9 +357,13 @@ def test_no_block_task_loads_the_whole_model(prefect_server, tmp_path, model, da
         return real(cls, *args, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted))
-    report = run_flow(config(tmp_path / "store", model, data_dir))
+    cfg = config(tmp_path / "store", model, data_dir)
+    report = run_flow(replace(cfg, distill=replace(cfg.distill, epochs=0)))
     assert report["states"]["ebft"] == "3 Completed"
     assert loads == []
+    report = run_flow(cfg)  # the same blocks, distilled
+    assert report["states"]["ebft"] == "3 Cached" and cfg.distill.epochs == 1
+    assert [Path(p).parent.name for p in loads] == ["models-sparse"]
 
 
 def test_remask_alternates_pruning_and_reconstruction_at_owl_sparsities(

@@ -21,10 +21,11 @@ from stages.reporting import reports
 def base_config(store: Path, model: Path, data_dir: Path) -> RunConfig:
     dense = DenseConfig(model=str(model), store=str(store), data_dir=str(data_dir), nsamples=8,
                         seqlen=64, eval_seqlen=64, eval_windows=2, batch_size=4)
-    cfg = RunConfig(dense=dense)  # the paper's tables: every block at the same sparsity
+    # the paper's tables: every block at the same sparsity, EBFT alone (no distillation)
+    cfg = RunConfig(dense=dense)
     return replace(cfg, prune=replace(cfg.prune, layer_sparsity="uniform"),
                    train=replace(cfg.train, batch_size=2, max_epochs=1, holdout=0.25, lr=1e-3,
-                                 remask=False))
+                                 remask=False), distill=replace(cfg.distill, epochs=0))
 
 
 def test_the_grid_expands_to_every_configuration():

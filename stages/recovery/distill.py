@@ -6,14 +6,16 @@ Wanda's, and their models still have the higher perplexity. This step trains eve
 weight of the blocks together (the zeros stay zero: their gradients are masked, so Adam
 never moves them) on the calibration windows against the dense model's next-token
 distributions, KL(dense ‖ sparse), so the blocks' remaining errors are traded against each
-other where the output sees them. One epoch over the 16 default windows at lr 1e-4 took
-SmolLM2-135M from 35.02 to 32.81 validation perplexity (docs/results.md).
+other where the output sees them. On SmolLM2-135M it is the step that closes half of the
+gap pruning opens (docs/results.md), and by default it takes the place of the block pass's
+second epoch, at the same wall time.
 
 The teacher is not a second model: the dense capture already holds the dense model's last
 block output for every calibration window, and the student's own final norm and head (never
-trained) turn it into the dense logits. The stage holds the student and AdamW's two moments
-(about 14 bytes per parameter in fp32, before activations), unlike the block pass: on a 7B
-model it needs a large accelerator, and it is off unless ``--distill-epochs`` is given.
+trained) turn it into the dense logits. The stage holds the student, its gradients, AdamW's
+two moments and the keep-masks (about 17 bytes a block weight in fp32, before
+activations), unlike the block pass: a 7B model needs a large accelerator, and a run it
+does not fit is refused before any stage runs, naming ``--distill-epochs 0``.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ RECORD_FILE = "distill.json"
 
 @dataclass(frozen=True)
 class DistillSettings:
-    epochs: int = 0  # passes over the calibration windows; 0: no distillation
-    # 1e-4: one epoch at batch 1 (16 steps) lowered SmolLM2-135M's validation perplexity
-    # by 2.2 after EBFT (issue 22)
-    lr: float = 1e-4
+    epochs: int = 1  # passes over the calibration windows; 0: no distillation
+    # after one block epoch, 2e-4 beat 1e-4 and 4e-4 on SmolLM2-135M's validation split
+    # (issue 22, docs/results.md)
+    lr: float = 2e-4
     seed: int = 0
 
     def validate(self) -> None:
