@@ -22,7 +22,7 @@ RECIPES: dict[str, list[str]] = {
                  "--lr", "1e-3", "--loss", "mse", "--epochs", "2", "--distill-epochs", "0"],
     "default": [],
 }
-STAGES = ("dense-capture", "masks", "ebft", "perplexity-finetuned")
+STAGES = ("dense-capture", "masks", "ebft", "distill", "perplexity-finetuned")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
           + " | dense / pruned / recovered |")
     print("|---" * (4 + len(STAGES)) + "|")
     for name, run in runs.items():
-        stages = " | ".join(f"{run['stages'][s]['seconds']:.1f}" for s in STAGES)
+        stages = " | ".join(f"{run['stages'].get(s, {}).get('seconds', 0.0):.1f}" for s in STAGES)
         ppl = " / ".join(f"{run['perplexity'][k]:.3f}" for k in ("dense", "pruned", "finetuned"))
         print(f"| {name} | {run['wall_s']} | {run['wall_s'] / base:.2f}x | {stages} | {ppl} |")
     print("\n".join(runs["default"]["summary"]))

@@ -140,22 +140,28 @@ def check_resources(cfg: DenseConfig, store: Store, meta, dtype: str, capture_st
 
 
 def distill_bytes(cfg: DenseConfig, meta) -> int:
-    """What distillation holds at once: the student in fp32, its blocks' gradients,
-    AdamW's two moments and keep-masks (17 bytes a block weight), and a window's logits in
-    fp32 (the student's, the teacher's, their gradient and a copy)."""
+    """What distillation holds at once: the student in fp32; its blocks' gradients, AdamW's
+    two moments and 0/1 gates (20 bytes a block weight); what the backward pass keeps of
+    one window (per block about ten hidden-sized and four MLP-sized values a token, in fp32
+    at most); and the window's logits in fp32 (the student's, the teacher's, their gradient
+    and a copy)."""
     import stages.model.architecture as arch
 
+    config = meta.config
     params = sum(p.numel() for p in meta.parameters())
     blocks = sum(p.numel() for p in arch.decoder_blocks(meta).parameters())
-    return 4 * params + 13 * blocks + 4 * 4 * cfg.seqlen * meta.config.vocab_size
+    saved = 4 * config.num_hidden_layers * cfg.seqlen * (
+        10 * config.hidden_size + 4 * config.intermediate_size)
+    return 4 * params + 16 * blocks + saved + 4 * 4 * cfg.seqlen * config.vocab_size
 
 
 def check_distill_memory(cfg: DenseConfig, meta, device: torch.device) -> None:
     """Distillation trains the whole model at once, unlike every other stage: refuse a
     model the device cannot hold before any stage runs, naming the way out (the block pass
     alone needs one block at a time)."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
+    if device.type == "cuda":  # what PyTorch's allocator holds unused is free for it too
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
+            - torch.cuda.memory_allocated(device)
     elif device.type == "cpu":
         free = checks.available_memory()
     else:

@@ -13,7 +13,7 @@ second epoch, at the same wall time.
 The teacher is not a second model: the dense capture already holds the dense model's last
 block output for every calibration window, and the student's own final norm and head (never
 trained) turn it into the dense logits. The stage holds the student, its gradients, AdamW's
-two moments and the keep-masks (about 17 bytes a block weight in fp32, before
+two moments and the 0/1 gates (about 20 bytes a block weight in fp32, before
 activations), unlike the block pass: a 7B model needs a large accelerator, and a run it
 does not fit is refused before any stage runs, naming ``--distill-epochs 0``.
 """
@@ -119,16 +119,17 @@ def last_block_outputs(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def trainable(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The blocks' linear weights, each with its keep-mask (True where it is not pruned);
+    """The blocks' linear weights, each with its 0/1 gate (1 where it is not pruned; a float
+    multiply is far faster on a CPU than a boolean fill);
     everything else (embeddings, norms, head) frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
     weights = [linear.weight for block in arch.decoder_blocks(model)
                for linear in arch.linear_layers(block).values()]
-    keep = [w != 0 for w in weights]  # one byte a weight
+    gates = [(w != 0).to(w.dtype) for w in weights]
     for w in weights:
         w.requires_grad_(True)
-    return weights, keep
+    return weights, gates
 
 
 def distill(student, teacher_hidden: Callable[[int], torch.Tensor], tokens: torch.Tensor,
@@ -143,7 +144,7 @@ def distill(student, teacher_hidden: Callable[[int], torch.Tensor], tokens: torc
     from stages.recovery.block_training import bf16_is_fast, lr_factor
 
     to_logits = output_head(student)
-    weights, keep = trainable(student)
+    weights, gates = trainable(student)
     optimizer = torch.optim.AdamW(weights, lr=settings.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0, fused=device.type in ("cpu", "cuda"))
     total = settings.epochs * len(tokens)
@@ -165,8 +166,8 @@ def distill(student, teacher_hidden: Callable[[int], torch.Tensor], tokens: torc
                 raise UserError(f"distillation: loss is {loss.item()} at step {step + 1}; "
                                 "lower --distill-lr")
             loss.backward()
-            for w, kept in zip(weights, keep, strict=True):
-                w.grad.masked_fill_(~kept, 0)
+            for w, gate in zip(weights, gates, strict=True):
+                w.grad.mul_(gate)
             torch.nn.utils.clip_grad_norm_(weights, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -176,13 +177,13 @@ def distill(student, teacher_hidden: Callable[[int], torch.Tensor], tokens: torc
         epoch_losses.append(total_loss / len(tokens))
         log(f"distill epoch {epoch + 1}: KL {epoch_losses[-1]:.4f}")
     student.eval()
-    for w, kept in zip(weights, keep, strict=True):
+    for w, gate in zip(weights, gates, strict=True):
         w.requires_grad_(False)
-        if w[~kept].any():  # never expected: masked gradients keep zeros zero
+        if (w * (1 - gate)).any():  # never expected: masked gradients keep zeros zero
             raise RuntimeError("distillation moved a pruned weight")
     return {"train_losses": epoch_losses, "steps": step,
             "seconds": round(time.monotonic() - started, 2),
-            "trainable_parameters": int(sum(k.sum().item() for k in keep))}
+            "trainable_parameters": int(sum(g.sum().item() for g in gates))}
 
 
 def captured_teacher(activations: Artifact) -> Callable[[int], torch.Tensor]:

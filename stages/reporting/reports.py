@@ -54,6 +54,8 @@ def flatten(report: dict) -> dict:
     lora = report.get("lora")
     row = {
         "model": report["model"]["name"], "method": base, "finetune": finetune,
+        # the whole model distilled after the recovery (the default after EBFT and LoRA)
+        "kd": " + KD" if report.get("distill") else "",
         "sparsity": cfg["prune"]["pattern"] or f"{cfg['prune']['sparsity']:.0%}",
         "structured": is_structured(base),
         "parameters": params.get("remaining"), "parameters_total": params.get("total"),
@@ -151,8 +153,14 @@ def sort_rows(rows: pd.DataFrame) -> pd.DataFrame:
     return order.drop(columns=["_s", "_f"]).reset_index(drop=True)
 
 
-def _row_label(method: str, finetune: str, recipe: str = "") -> str:
-    return with_recipe(f"{method.capitalize()} {RECOVERIES[finetune].label}".strip(), recipe)
+def _row_label(method: str, finetune: str, recipe: str = "", kd: str = "") -> str:
+    label = f"{method.capitalize()} {RECOVERIES[finetune].label}".strip() + kd
+    return with_recipe(label, recipe)
+
+
+def _kd_column(rows: pd.DataFrame) -> pd.Series:
+    """" + KD" where the row's model was distilled ("" in rows from before the column)."""
+    return rows["kd"].fillna("") if "kd" in rows else pd.Series("", index=rows.index)
 
 
 def perplexity_table(rows: pd.DataFrame, structured: bool) -> pd.DataFrame:
@@ -163,10 +171,11 @@ def perplexity_table(rows: pd.DataFrame, structured: bool) -> pd.DataFrame:
         return pd.DataFrame()
     columns = sorted(part["sparsity"].unique(), key=_sparsity_order)
     table = {"Dense": {c: part["dense_ppl"].iloc[0] for c in columns}}
-    part = part.assign(recipe=recipe_column(part))
-    for (method, finetune, recipe), group in part.groupby(["method", "finetune", "recipe"],
-                                                          sort=False):
-        table[_row_label(method, finetune, recipe)] = dict(zip(group["sparsity"], group["ppl"]))
+    part = part.assign(recipe=recipe_column(part), kd=_kd_column(part))
+    for (method, finetune, recipe, kd), group in part.groupby(
+            ["method", "finetune", "recipe", "kd"], sort=False):
+        table[_row_label(method, finetune, recipe, kd)] = dict(zip(group["sparsity"],
+                                                                   group["ppl"]))
     out = pd.DataFrame.from_dict(table, orient="index")[columns]
     out.index.name = "method"
     return out
@@ -180,8 +189,10 @@ def zeroshot_table(rows: pd.DataFrame) -> pd.DataFrame:
     first = rows.iloc[0]
     table = {"Dense": {t[4:]: first.get(f"dense_{t}") for t in tasks}
              | {"mean": first.get("dense_acc_mean")}}
-    for _, row in rows.assign(recipe=recipe_column(rows)).dropna(subset=["acc_mean"]).iterrows():
-        label = f"{_row_label(row['method'], row['finetune'], row['recipe'])} ({row['sparsity']})"
+    rows = rows.assign(recipe=recipe_column(rows), kd=_kd_column(rows))
+    for _, row in rows.dropna(subset=["acc_mean"]).iterrows():
+        label = (f"{_row_label(row['method'], row['finetune'], row['recipe'], row['kd'])} "
+                 f"({row['sparsity']})")
         table[label] = {t[4:]: row[t] for t in tasks} | {"mean": row["acc_mean"]}
     out = pd.DataFrame.from_dict(table, orient="index")
     out.index.name = "model"
@@ -198,8 +209,10 @@ def tuning_table(rows: pd.DataFrame) -> pd.DataFrame:
                            values="ppl", aggfunc="first")
     if not out.index.get_level_values("recipe").any():
         out = out.droplevel("recipe")
-    out = out.rename(columns={"none": "pruned", "ebft": "weights tuning", "mask": "mask tuning"})
-    return out[[c for c in ("pruned", "weights tuning", "mask tuning") if c in out.columns]]
+    weights = "weights tuning" + ("".join(set(_kd_column(part[part["finetune"] == "ebft"])))
+                                  if "ebft" in out.columns else "")
+    out = out.rename(columns={"none": "pruned", "ebft": weights, "mask": "mask tuning"})
+    return out[[c for c in ("pruned", weights, "mask tuning") if c in out.columns]]
 
 
 def structured_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -212,8 +225,8 @@ def structured_table(rows: pd.DataFrame) -> pd.DataFrame:
     out = part.assign(parameters=part["parameters"] / 1e6)[list(columns)].rename(columns=columns)
     if "acc_mean" in part:
         out["zero-shot mean"] = part["acc_mean"]
-    out.index = [_row_label(m, f, r)
-                 for m, f, r in zip(part["method"], part["finetune"], recipe_column(part))]
+    out.index = [_row_label(m, f, r, kd) for m, f, r, kd in zip(
+        part["method"], part["finetune"], recipe_column(part), _kd_column(part))]
     out.index.name = "method"
     first = part.iloc[0]
     dense = pd.DataFrame({"sparsity": "0%", "parameters (M)": first["parameters_total"] / 1e6,
