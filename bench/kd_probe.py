@@ -5,7 +5,8 @@ pass did? (How the stage was first measured, before it was wired into the flow.)
 Issue 22's finding that made this worth asking: SparseGPT's and ``wanda+obs``'s blocks end
 EBFT with 15-37% lower held-out block losses than Wanda's, yet their models have a higher
 perplexity, so the block-wise MSE is no longer aligned with the model's loss. This takes
-one finished ``ebft run`` (its report), runs ``stages.recovery.distill.distill`` on it with
+one finished ``ebft run --distill-epochs 0`` (its report; a default run's model is already
+distilled), runs ``stages.recovery.distill.distill`` on it with
 its own calibration windows, and measures perplexity before and after on the run's eval
 data, outside the store.
 
