@@ -109,6 +109,7 @@ def measure(args: argparse.Namespace, variant: str, seed: str, eval_data: str) -
     ppl = {name: round(value, 4) for name, value in run["perplexity"].items()}
     return {"flags": flags, "perplexity": ppl, "gap_closed": gap_closed(ppl),
             "ebft_s": run["stages"].get("ebft", {}).get("seconds"),
+            "distill_s": run["stages"].get("distill", {}).get("seconds"),
             "ebft_state": run["stages"].get("ebft", {}).get("state"),
             "wall_s": run["wall_s"], "windows": windows}
 

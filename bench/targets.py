@@ -72,6 +72,7 @@ def measure(args: argparse.Namespace, name: str, zeroshot: bool) -> dict:
             "gap_closed": closed, "gap_closed_own_start": gap_closed(ppl), "target": target,
             "met": closed is not None and closed >= target, "wall_s": run["wall_s"],
             "ebft_s": run["stages"].get("ebft", {}).get("seconds"),
+            "distill_s": run["stages"].get("distill", {}).get("seconds"),
             "zeroshot": zeroshot_means(run["report"]) if zeroshot else {}}
 
 
