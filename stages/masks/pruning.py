@@ -132,14 +132,15 @@ def validate(spec: MaskSpec) -> None:
 # ---- one block ---------------------------------------------------------------------------
 
 def prune_block(block, batches, kwargs_for, spec: MaskSpec,
-                pattern: Pattern | None = None) -> dict[str, tuple]:
+                pattern: Pattern | None = None, amp=None) -> dict[str, tuple]:
     """Prune a block's linear layers in place, to ``pattern`` (default: the spec's);
-    returns {name: (keep, new weight or None)}."""
+    returns {name: (keep, new weight or None)}. ``amp``: an autocast context for the
+    statistics pass only (the methods' own maths stays in the weights' dtype)."""
     scorer, *refiners = spec.methods()
     pattern = pattern or spec.parsed_pattern()
     linears = arch.linear_layers(block)
     hessian = any(m.needs_hessian for m in (scorer, *refiners))
-    stats = collect_stats(block, linears, batches, kwargs_for, hessian)
+    stats = collect_stats(block, linears, batches, kwargs_for, hessian, amp)
     result = {}
     for name, linear in linears.items():
         dense = linear.weight.data

@@ -81,11 +81,17 @@ def blocks_key(specs: list[BlockSpec]) -> str:
 
 class Context:
     """Everything a block needs besides its spec: its weights, one block at a time from the
-    model's files (never the whole model), the stores, the device."""
+    model's files (never the whole model), the stores, the device, and the autocast that
+    every forward pass of the stage runs in (the training's: bf16 over fp32 weights where
+    the hardware has fast bf16, ``--autocast none``: none)."""
 
     def __init__(self, store: Store, loader: BlockLoader, activations: Artifact,
-                 masks: Artifact, device: torch.device, dtype: torch.dtype):
+                 masks: Artifact, device: torch.device, dtype: torch.dtype,
+                 train: TrainConfig):
         self.store, self.loader, self.device, self.dtype = store, loader, device, dtype
+        # the boundaries and the re-masking statistics in the training's precision (issue
+        # 22: in fp32 these passes cost a CPU with bf16 more than the training's autocast)
+        self.amp = lambda: training.autocast_for(train, device, dtype)
         self.activations_key = activations.key
         self.dense = acts.open_group(Path(activations.path) / ZARR_NAME)
         self.n, self.seqlen, self.hidden = self.dense.attrs["shape"]
@@ -130,7 +136,8 @@ class Context:
         def batches():
             for start, stop in self.ranges(batch):
                 yield acts.rows(source, start, stop).to(self.device, self.dtype)
-        pruned = pruning.prune_block(block, batches, self.kwargs_for, spec, pattern)
+        pruned = pruning.prune_block(block, batches, self.kwargs_for, spec, pattern,
+                                     self.amp())
         return block, {name: keep for name, (keep, _weight) in pruned.items()}
 
     def ranges(self, batch: int) -> list[tuple[int, int]]:
@@ -152,7 +159,8 @@ class Context:
             x = acts.rows(source, start, stop).to(self.device, self.dtype)
             def run(x=x):
                 return arch.run_block(block, x, self.kwargs_for(len(x)))
-            y = run() if stop_at is None else training.stopped_at(stop_at, run)
+            with self.amp():
+                y = run() if stop_at is None else training.stopped_at(stop_at, run)
             out[start:stop] = y.to(home)
         return out
 
@@ -253,7 +261,7 @@ def build(spec: BlockSpec, out: Path, store_location: str, model: ModelSource,
 
     dtype = DTYPES[spec.dtype]
     ctx = Context(Store(store_location), loader_for(model.path, model.digest, dtype), activations,
-                  masks, resolve_device(device), dtype)
+                  masks, resolve_device(device), dtype, spec.train)
     train_block(ctx, chain, spec.index, out, keep_boundaries, write_boundaries)
 
 
