@@ -433,6 +433,11 @@ def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
     from flows.config import settled, why_no_owl
     from stages.masks import METHODS, is_structured
 
+    # an explicit "no distillation" (--distill-epochs 0) agrees with every recipe: a sweep
+    # script may pass it to every run, mask tuning and --finetune none included
+    given = {p: v for p, v in given.items()
+             if not (p == "distill.epochs" and cfg.distill.epochs == 0)}
+
     def refuse(paths, why: str) -> None:
         ignored = sorted(given[p][0] for p in given if any(
             p == x or p.startswith(x + ".") for x in paths))

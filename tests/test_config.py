@@ -98,6 +98,17 @@ def test_a_setting_the_run_would_ignore_is_refused(flags, message):
         refuse_ignored(cfg, given)
 
 
+@pytest.mark.parametrize("flags", [
+    ["--tune", "mask", "--distill-epochs", "0"],
+    ["--finetune", "none", "--distill-epochs", "0"],
+    ["--finetune", "lora", "--distill-epochs", "0"],
+])
+def test_an_explicit_no_distillation_is_accepted_with_every_recipe(flags):
+    cfg, given = parse(*flags)
+    refuse_ignored(cfg, given)  # raises nothing
+    assert cfg.distill.epochs == 0
+
+
 def test_a_method_flag_reaches_the_mask_key():
     from flows.run import mask_spec_for
 

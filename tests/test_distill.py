@@ -140,6 +140,12 @@ def test_distillation_that_does_not_fit_the_accelerator_is_refused_before_any_st
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need - 1, 2 * need))
     with pytest.raises(UserError, match="pass --distill-epochs 0 to skip it"):
         dense.check_distill_memory(DenseConfig(), meta, cuda)
+    # the GPU has room, the host not for the fp32 copy the load makes before moving it
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need + 1, 2 * need))
+    host = 4 * sum(p.numel() for p in meta.parameters())
+    monkeypatch.setattr(dense.checks, "available_memory", lambda: host - 1)
+    with pytest.raises(UserError, match="on the host and .* pass --distill-epochs 0"):
+        dense.check_distill_memory(DenseConfig(), meta, cuda)
     monkeypatch.setattr(dense.checks, "available_memory", lambda: need - 1)
     with pytest.raises(UserError, match="on cpu and .* pass --distill-epochs 0"):
         dense.check_distill_memory(DenseConfig(), meta, torch.device("cpu"))
