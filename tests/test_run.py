@@ -155,19 +155,58 @@ def test_resume_after_failure_at_block_k_recomputes_nothing_before_it(
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_flow(cfg)
     monkeypatch.setattr(ebft.training, "train_block", real)
-    ebft.HANDOVER.clear()  # as in a new process: nothing handed over in memory
-    # Lose the saved boundary too: it is rebuilt from the cached blocks, not retrained.
-    for boundary in (tmp_path / "store" / "ebft-boundary").iterdir():
-        __import__("shutil").rmtree(boundary)
-
-    resumed = run_flow(cfg)
-    assert resumed["states"]["ebft"] == "2 Cached, 1 Completed"
+    resumed = resume_without_boundaries(cfg, tmp_path / "store")
     assert resumed["states"]["masks"] == "Cached"
     assert resumed["states"]["dense-capture"] == "Cached"
-    mine, theirs = (linear_weights(r["model_folder"]) for r in (resumed, uninterrupted))
+    assert_same_weights(resumed, uninterrupted)
+
+
+def resume_without_boundaries(cfg: RunConfig, store: Path) -> dict:
+    """Rerun as a new process would after a crash at block 2, with the saved boundary lost
+    too: block 2's inputs are rebuilt from the cached blocks, not retrained."""
+    ebft.HANDOVER.clear()  # nothing handed over in memory
+    for boundary in (store / "ebft-boundary").iterdir():
+        __import__("shutil").rmtree(boundary)
+    resumed = run_flow(cfg)
+    assert resumed["states"]["ebft"] == "2 Cached, 1 Completed"
+    return resumed
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    mine, theirs = (linear_weights(r["model_folder"]) for r in (a, b))
     assert mine.keys() == theirs.keys()
     for name in mine:
         assert torch.equal(mine[name], theirs[name]), name
+
+
+def test_in_bf16_autocast_with_remasking_a_resumed_run_equals_an_uninterrupted_one(
+        monkeypatch, tmp_path, model, data_dir, prefect_server):
+    """Every forward pass of the EBFT stage (boundaries handed over, boundaries rebuilt on
+    resume, re-masking statistics) runs in the training's autocast: a run resumed at block
+    2 with its inputs rebuilt gets the same masks and weights as one that never stopped.
+    Forced bf16, so the path is tested on CPUs where 'auto' means fp32 too."""
+    cfg = config(tmp_path / "whole", model, data_dir)
+    cfg = replace(cfg, train=replace(cfg.train, autocast="bfloat16", remask=True, max_epochs=1))
+    whole = run_flow(cfg)
+    assert {r["autocast"] for r in whole["blocks"]} == {"bfloat16"}
+    fp32 = run_flow(replace(cfg, train=replace(cfg.train, autocast="none")))
+    assert any(not torch.equal(a, b) for a, b in zip(
+        linear_weights(whole["model_folder"]).values(),
+        linear_weights(fp32["model_folder"]).values(), strict=True))
+
+    cfg = replace(cfg, dense=replace(cfg.dense, store=str(tmp_path / "store")))
+    real = training.train_block
+
+    def failing_at_block_2(*args, **kwargs):
+        if kwargs.get("index", args[9] if len(args) > 9 else 0) == 2:
+            raise RuntimeError("simulated crash in block 2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ebft.training, "train_block", failing_at_block_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_flow(cfg)
+    monkeypatch.setattr(ebft.training, "train_block", real)
+    assert_same_weights(resume_without_boundaries(cfg, tmp_path / "store"), whole)
 
 
 def test_boundaries_handed_over_in_memory_without_writes_give_the_same_weights(
@@ -374,7 +413,9 @@ def test_remask_alternates_pruning_and_reconstruction_at_owl_sparsities(
     prune = PruneConfig("wanda", 0.5, layer_sparsity="owl", owl_threshold=2.0, owl_limit=0.1)
     cfg = config(tmp_path / "store", model, data_dir, prune=prune)
     stage_only = run_flow(replace(cfg, finetune="none"))
-    remasked = run_flow(replace(cfg, train=replace(cfg.train, remask=None)))
+    # in fp32, as the mask stage chose block 0's mask (in bf16 autocast the statistics of
+    # the layers after attention differ slightly, and a near-tie may swap)
+    remasked = run_flow(replace(cfg, train=replace(cfg.train, remask=None, autocast="none")))
     assert remasked["states"]["masks"] == "Cached"  # the mask stage is shared
     report = json.loads(Path(remasked["report_path"]).read_text())
     assert report["config"]["train"]["remask"] is True  # auto, settled before any stage
