@@ -144,6 +144,15 @@ def test_preloaded_rows_equal_streamed_rows(tmp_path):
 def test_resume_after_failure_at_block_k_recomputes_nothing_before_it(
         monkeypatch, tmp_path, model, data_dir, uninterrupted):
     cfg = config(tmp_path / "store", model, data_dir)
+    crash_at_block_2(monkeypatch, cfg)
+    resumed = resume_without_boundaries(cfg, tmp_path / "store")
+    assert resumed["states"]["masks"] == "Cached"
+    assert resumed["states"]["dense-capture"] == "Cached"
+    assert_same_weights(resumed, uninterrupted)
+
+
+def crash_at_block_2(monkeypatch, cfg: RunConfig) -> None:
+    """Run ``cfg`` until block 2's training raises, as a crash there would."""
     real = training.train_block
 
     def failing_at_block_2(*args, **kwargs):
@@ -155,10 +164,6 @@ def test_resume_after_failure_at_block_k_recomputes_nothing_before_it(
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_flow(cfg)
     monkeypatch.setattr(ebft.training, "train_block", real)
-    resumed = resume_without_boundaries(cfg, tmp_path / "store")
-    assert resumed["states"]["masks"] == "Cached"
-    assert resumed["states"]["dense-capture"] == "Cached"
-    assert_same_weights(resumed, uninterrupted)
 
 
 def resume_without_boundaries(cfg: RunConfig, store: Path) -> dict:
@@ -195,17 +200,7 @@ def test_in_bf16_autocast_with_remasking_a_resumed_run_equals_an_uninterrupted_o
         linear_weights(fp32["model_folder"]).values(), strict=True))
 
     cfg = replace(cfg, dense=replace(cfg.dense, store=str(tmp_path / "store")))
-    real = training.train_block
-
-    def failing_at_block_2(*args, **kwargs):
-        if kwargs.get("index", args[9] if len(args) > 9 else 0) == 2:
-            raise RuntimeError("simulated crash in block 2")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ebft.training, "train_block", failing_at_block_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_flow(cfg)
-    monkeypatch.setattr(ebft.training, "train_block", real)
+    crash_at_block_2(monkeypatch, cfg)
     assert_same_weights(resume_without_boundaries(cfg, tmp_path / "store"), whole)
 
 
