@@ -159,21 +159,20 @@ def check_distill_memory(cfg: DenseConfig, meta, device: torch.device) -> None:
     """Distillation trains the whole model at once, unlike every other stage: refuse a
     model the device cannot hold before any stage runs, naming the way out (the block pass
     alone needs one block at a time)."""
-    needs = [(device, distill_bytes(cfg, meta))]
+    need = distill_bytes(cfg, meta)
     if device.type == "cuda":  # what PyTorch's allocator holds unused is free for it too
         free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
             - torch.cuda.memory_allocated(device)
         # the checkpoint is read into host memory in fp32, then moved to the device
         host = 4 * sum(p.numel() for p in meta.parameters())
-        needs.append(("the host", host))
-        frees = [free, checks.available_memory()]
+        places = [(device, need, free), ("the host", host, checks.available_memory())]
     elif device.type == "cpu":
-        frees = [checks.available_memory()]
+        places = [(device, need, checks.available_memory())]
     else:
         return  # no way to ask (mps shares the host's memory)
-    for (where, need), free in zip(needs, frees, strict=True):
-        if need > free:
-            raise UserError(f"distillation (--distill-epochs) needs about {checks.gib(need)} "
+    for where, needed, free in places:
+        if needed > free:
+            raise UserError(f"distillation (--distill-epochs) needs about {checks.gib(needed)} "
                             f"on {where} and {checks.gib(free)} is free; pass "
                             "--distill-epochs 0 to skip it (the block pass needs one block "
                             "at a time)")
