@@ -45,7 +45,12 @@ def timed_run(flags: list[str]) -> dict:
     start = time.monotonic()
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
-    out = process.stdout.read()
+    lines = []
+    for line in process.stdout:  # EBFT_BENCH_ECHO=1: show the run's output as it comes
+        lines.append(line)
+        if os.environ.get("EBFT_BENCH_ECHO"):
+            print(line, end="", file=sys.stderr, flush=True)
+    out = "".join(lines)
     _pid, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:

@@ -27,6 +27,15 @@ def direct_block_outputs(model, ids):
     return [embeds, *outputs]
 
 
+def test_models_load_without_hub_kernels(tiny_model):
+    """Transformers 5 turns on kernels downloaded from the Hub whenever the `kernels` package
+    is installed; on a GPU the first .train() then fetches layers (offline, on an H200, the
+    distill stage failed that way). Every model the stages load has them off."""
+    model = load_model(resolve_model(str(tiny_model)), torch.float32)
+    model.train()
+    assert getattr(model, "use_kernels", False) is False
+
+
 @pytest.mark.parametrize("storage", [torch.float16, torch.bfloat16])
 def test_zarr_boundaries_equal_a_direct_forward_pass(tmp_path, tiny_model, storage):
     """The capture reads one block at a time from the files; its boundaries equal one

@@ -21,9 +21,10 @@ def generate_windows(model: ModelSource, prompts: torch.Tensor, seqlen: int, see
     from transformers import AutoModelForCausalLM
 
     from stages.model.devices import DTYPES, resolve_device
+    from stages.model.model_source import NO_HUB_KERNELS
 
     target = resolve_device(device)
-    lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=DTYPES[dtype])
+    lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=DTYPES[dtype], **NO_HUB_KERNELS)
     lm.to(target).eval()
     new = seqlen - prompts.shape[1]
     rows = []

