@@ -169,6 +169,9 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
     option(distilled, "--distill-epochs", "distill.epochs", "epochs over the calibration "
            "windows; 0: off")
     option(distilled, "--distill-lr", "distill.lr", "AdamW learning rate")
+    option(distilled, "--distill-top", "distill.top", "share of the blocks, counted from the "
+           "last, whose weights it trains (the rest need no backward pass: faster, less "
+           "memory)")
     adapters = run.add_argument_group("LoRA baseline (--finetune lora, peft)")
     option(adapters, "--lora-rank", "lora.rank", "adapter rank")
     option(adapters, "--lora-alpha", "lora.alpha", "adapter scale alpha")
@@ -449,7 +452,8 @@ def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
         raise UserError("--pattern and --sparsity both set the sparsity (N:M prunes N/M); "
                         "give one of them")
     if cfg.distill.epochs == 0:
-        refuse(("distill.lr", "distill.seed"), "--distill-epochs is 0: nothing is distilled")
+        refuse(("distill.lr", "distill.top", "distill.seed"),
+               "--distill-epochs is 0: nothing is distilled")
     if cfg.finetune == "none":
         refuse(("train", "lora", "distill"), "--finetune none trains nothing")
     elif cfg.finetune == "lora":

@@ -22,6 +22,7 @@ from stages.model.model_source import (
     resolve_model,
     tokenizer_digest,
 )
+from stages.recovery.distill import DistillSettings
 from store import Store
 from store.remote import is_url
 
@@ -34,7 +35,8 @@ class Inputs(NamedTuple):
     model: ModelSource
 
 
-def prepare_dense(cfg: DenseConfig, whole_model: bool = False, distill: bool = False) -> Inputs:
+def prepare_dense(cfg: DenseConfig, whole_model: bool = False,
+                  distill: DistillSettings | None = None) -> Inputs:
     """Resolve and check every input, cheapest first; raises a one-line UserError before
     any stage runs, and writes nothing to the store (the default model's one-time
     conversion goes to this machine's cache)."""
@@ -67,7 +69,7 @@ def prepare_dense(cfg: DenseConfig, whole_model: bool = False, distill: bool = F
                     capture_stored=store.get("activations", capture_spec.key()) is not None,
                     whole_model=whole_model)
     if distill:
-        check_distill_memory(cfg, meta, device)
+        check_distill_memory(cfg, meta, device, distill.top)
     return Inputs(store, directory, device, dtype, model)
 
 
@@ -139,27 +141,30 @@ def check_resources(cfg: DenseConfig, store: Store, meta, dtype: str, capture_st
     checks.resources(store.root, disk, memory)
 
 
-def distill_bytes(cfg: DenseConfig, meta) -> int:
-    """What distillation holds at once: the student in fp32; its blocks' gradients, AdamW's
-    two moments and 0/1 gates (20 bytes a block weight); what the backward pass keeps of
-    one window (per block about ten hidden-sized and four MLP-sized values a token, in fp32
-    at most); and the window's logits in fp32 (the student's, the teacher's, their gradient
-    and a copy)."""
+def distill_bytes(cfg: DenseConfig, meta, top: float = 1.0) -> int:
+    """What distillation holds at once: the student in fp32; its trained blocks' gradients,
+    AdamW's two moments and 0/1 gates (16 bytes a weight more); what the backward pass keeps
+    of one window (per trained block about ten hidden-sized and four MLP-sized values a
+    token, in fp32 at most); and the window's logits in fp32 (the student's, the teacher's,
+    their gradient and a copy)."""
     import stages.model.architecture as arch
+    from stages.recovery.distill import trained_blocks
 
     config = meta.config
     params = sum(p.numel() for p in meta.parameters())
-    blocks = sum(p.numel() for p in arch.decoder_blocks(meta).parameters())
-    saved = 4 * config.num_hidden_layers * cfg.seqlen * (
+    trained = trained_blocks(arch.decoder_blocks(meta), top)
+    blocks = sum(p.numel() for block in trained for p in block.parameters())
+    saved = 4 * len(trained) * cfg.seqlen * (
         10 * config.hidden_size + 4 * config.intermediate_size)
     return 4 * params + 16 * blocks + saved + 4 * 4 * cfg.seqlen * config.vocab_size
 
 
-def check_distill_memory(cfg: DenseConfig, meta, device: torch.device) -> None:
+def check_distill_memory(cfg: DenseConfig, meta, device: torch.device,
+                         top: float = 1.0) -> None:
     """Distillation trains the whole model at once, unlike every other stage: refuse a
-    model the device cannot hold before any stage runs, naming the way out (the block pass
+    model the device cannot hold before any stage runs, naming the ways out (the block pass
     alone needs one block at a time)."""
-    need = distill_bytes(cfg, meta)
+    need = distill_bytes(cfg, meta, top)
     if device.type == "cuda":  # what PyTorch's allocator holds unused is free for it too
         free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
             - torch.cuda.memory_allocated(device)
@@ -171,11 +176,13 @@ def check_distill_memory(cfg: DenseConfig, meta, device: torch.device) -> None:
     else:
         return  # no way to ask (mps shares the host's memory)
     for where, needed, free in places:
+        # fewer trained blocks need less on the device; the load needs the whole model
+        smaller = "" if where == "the host" else ", or a smaller --distill-top"
         if needed > free:
             raise UserError(f"distillation (--distill-epochs) needs about {checks.gib(needed)} "
                             f"on {where} and {checks.gib(free)} is free; pass "
                             "--distill-epochs 0 to skip it (the block pass needs one block "
-                            "at a time)")
+                            f"at a time){smaller}")
 
 
 prepare = prepare_dense

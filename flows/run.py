@@ -84,7 +84,8 @@ def prepare(cfg: RunConfig) -> Inputs:
     # LoRA (peft), zero-shot (lm-eval) and the compact form hold the whole model at once
     whole = cfg.finetune == "lora" or bool(cfg.zeroshot.tasks) or cfg.form == "compact"
     distilled = cfg.distill.epochs > 0  # settled: 0 with --finetune none
-    inputs = prepare_dense(cfg.dense, whole_model=whole or distilled, distill=distilled)
+    inputs = prepare_dense(cfg.dense, whole_model=whole or distilled,
+                           distill=cfg.distill if distilled else None)
     pattern = mask_spec.parsed_pattern()
     if pattern.is_nm:
         check_layers_fit(inputs.model, pattern)

@@ -19,6 +19,7 @@ from stages.recovery.distill import (
     kd_loss,
     last_block_outputs,
     output_head,
+    trained_blocks,
 )
 
 
@@ -93,6 +94,36 @@ def test_distillation_moves_the_student_towards_the_teacher_and_keeps_its_zeros(
     assert not any(p.requires_grad for p in student.parameters())
 
 
+@pytest.mark.parametrize("top, n", [(1.0, 30), (0.5, 15), (0.34, 11), (0.01, 1)])
+def test_distill_top_trains_the_last_blocks(top, n):
+    blocks = list(range(30))
+    assert trained_blocks(blocks, top) == blocks[30 - n:]
+
+
+def test_distillation_of_the_top_block_leaves_the_blocks_below_as_they_were(tmp_path):
+    """--distill-top 0.3 of a 3-block model trains the last block only: the two below keep
+    the block pass's weights exactly, and the top one still moves towards the teacher."""
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_model(tmp_path / "m")
+    teacher = AutoModelForCausalLM.from_pretrained(folder).eval()
+    student = AutoModelForCausalLM.from_pretrained(folder)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    before = {n: w.clone() for n, w in student.state_dict().items()}
+    tokens = torch.randint(0, teacher.config.vocab_size, (4, 32), generator=gen)
+    distill(student, lambda row: last_block_outputs(teacher, tokens[row:row + 1]), tokens,
+            DistillSettings(epochs=2, lr=3e-3, top=0.3), torch.device("cpu"),
+            log=lambda _: None)
+    after = student.state_dict()
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    top_linears = {f"model.layers.2.{name}.weight" for name in
+                   arch.linear_layers(arch.decoder_blocks(student)[2])}
+    assert moved == top_linears
+
+
 def test_the_main_job_distils_the_recovered_model_once(prefect_server, tmp_path, data_dir):
     """`--distill-epochs 1`: the evaluated and saved model is the distilled one, a stock
     Hugging Face folder with the masks' zeros; a second run finds every stage cached."""
@@ -147,5 +178,11 @@ def test_distillation_that_does_not_fit_the_accelerator_is_refused_before_any_st
     with pytest.raises(UserError, match="on the host and .* pass --distill-epochs 0"):
         dense.check_distill_memory(DenseConfig(), meta, cuda)
     monkeypatch.setattr(dense.checks, "available_memory", lambda: need - 1)
-    with pytest.raises(UserError, match="on cpu and .* pass --distill-epochs 0"):
+    with pytest.raises(UserError, match="on cpu and .* pass --distill-epochs 0.*--distill-top"):
         dense.check_distill_memory(DenseConfig(), meta, torch.device("cpu"))
+    # training the top block alone needs less: gradients, moments and saved activations of
+    # one block of three
+    top = dense.distill_bytes(DenseConfig(), meta, 0.3)
+    assert top < need
+    monkeypatch.setattr(dense.checks, "available_memory", lambda: top + 1)
+    dense.check_distill_memory(DenseConfig(), meta, torch.device("cpu"), 0.3)

@@ -20,6 +20,7 @@ does not fit is refused before any stage runs, naming ``--distill-epochs 0``.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -43,11 +44,16 @@ class DistillSettings:
     # after one block epoch, 2e-4 beat 1e-4 and 4e-4 on SmolLM2-135M's validation split
     # (issue 22, docs/results.md)
     lr: float = 2e-4
+    # the share of the blocks, counted from the last, whose weights it trains: the blocks
+    # below keep the block pass's weights and need no backward pass, gradients or moments
+    top: float = 1.0
     seed: int = 0
 
     def validate(self) -> None:
         checks = [(self.epochs >= 0, f"--distill-epochs {self.epochs}: must be >= 0 (0: off)"),
                   (self.lr > 0, f"--distill-lr {self.lr}: must be positive"),
+                  (0 < self.top <= 1, (f"--distill-top {self.top}: must be in (0, 1] (the "
+                                       "share of the blocks, from the last, it trains)")),
                   (self.seed >= 0, f"distill.seed {self.seed}: must be >= 0")]
         for ok, message in checks:
             if not ok:
@@ -118,13 +124,19 @@ def last_block_outputs(model, input_ids: torch.Tensor) -> torch.Tensor:
     return seen[0]
 
 
-def trainable(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The blocks' linear weights, each with its 0/1 gate (1 where it is not pruned; a float
-    multiply is far faster on a CPU than a boolean fill);
-    everything else (embeddings, norms, head) frozen."""
+def trained_blocks(blocks, top: float) -> list:
+    """The last ``ceil(top * len(blocks))`` blocks (at least one)."""
+    return list(blocks)[len(blocks) - max(1, math.ceil(top * len(blocks))):]
+
+
+def trainable(model, top: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The linear weights of the top blocks, each with its 0/1 gate (1 where it is not
+    pruned; a float multiply is far faster on a CPU than a boolean fill); everything else
+    (the blocks below, embeddings, norms, head) frozen, so autograd records nothing below
+    the first trained block."""
     for p in model.parameters():
         p.requires_grad_(False)
-    weights = [linear.weight for block in arch.decoder_blocks(model)
+    weights = [linear.weight for block in trained_blocks(arch.decoder_blocks(model), top)
                for linear in arch.linear_layers(block).values()]
     gates = [(w != 0).to(w.dtype) for w in weights]
     for w in weights:
@@ -144,7 +156,7 @@ def distill(student, teacher_hidden: Callable[[int], torch.Tensor], tokens: torc
     from stages.recovery.block_training import bf16_is_fast, lr_factor
 
     to_logits = output_head(student)
-    weights, gates = trainable(student)
+    weights, gates = trainable(student, settings.top)
     optimizer = torch.optim.AdamW(weights, lr=settings.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0, fused=device.type in ("cpu", "cuda"))
     total = settings.epochs * len(tokens)
