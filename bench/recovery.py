@@ -74,7 +74,6 @@ VARIANTS: dict[str, list[str]] = {
     # seventh round: distillation of the top blocks only (cheaper: no backward pass below)
     "kd-top0.5": ["--distill-epochs", "1", "--distill-top", "0.5"],
     "kd-top0.34": ["--distill-epochs", "1", "--distill-top", "0.34"],
-    "kd-top1": ["--distill-epochs", "1", "--distill-top", "1"],
 }
 
 
