@@ -184,6 +184,35 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(mine[name], theirs[name]), name
 
 
+def test_a_boundary_deleted_while_it_is_read_is_looked_for_again(
+        monkeypatch, tmp_path, model, data_dir, uninterrupted):
+    """Two runs on one store: the other run, having trained the next block, deletes the
+    boundary this one is reading. The read is tried again on the store's new state (here:
+    nothing stored any more, so the inputs are rebuilt from the cached blocks), and the
+    weights are those of a run that never stopped."""
+    import shutil
+
+    import store.activations as acts
+
+    cfg = config(tmp_path / "store", model, data_dir)
+    crash_at_block_2(monkeypatch, cfg)
+    ebft.HANDOVER.clear()  # a new process: nothing handed over in memory
+    real_read, vanished = acts.read, []
+
+    def deleted_by_another_run(group, boundary, start, stop):
+        folder = Path(str(group.store.root)).parent
+        if "ebft-boundary" in str(folder) and not vanished:
+            vanished.append(folder.name)
+            shutil.rmtree(folder)
+        return real_read(group, boundary, start, stop)
+
+    monkeypatch.setattr(acts, "read", deleted_by_another_run)
+    resumed = run_flow(cfg)
+    assert vanished, "the stored boundary of block 1 was read"
+    assert resumed["states"]["ebft"] == "2 Cached, 1 Completed"
+    assert_same_weights(resumed, uninterrupted)
+
+
 def test_in_bf16_autocast_with_remasking_a_resumed_run_equals_an_uninterrupted_one(
         monkeypatch, tmp_path, model, data_dir, prefect_server):
     """Every forward pass of the EBFT stage (boundaries handed over, boundaries rebuilt on

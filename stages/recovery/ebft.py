@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 import stages.model.architecture as arch
 import stages.recovery.block_training as training
 import store.activations as acts
+from stages import checks
 from stages.errors import UserError
 from stages.inputs.capture import ZARR_NAME
 from stages.masks.mask_files import MaskFiles
@@ -181,6 +182,13 @@ def load_block_weights(block, artifact: Artifact) -> None:
             block.get_parameter(name).copy_(tensor)
 
 
+# A stored boundary can vanish while this process reads it: another run on the same store
+# that trained the next block deletes it. The reads are then tried again, from the store's
+# newer state, a few times.
+VANISHED = (KeyError, FileNotFoundError)
+READ_ATTEMPTS = 3
+
+
 def input_source(ctx: Context, specs: list[BlockSpec], index: int) -> acts.Source:
     """Block ``index``'s inputs: handed over in memory by the previous block's task, or the
     stored boundary, or rebuilt from the newest stored one if it was deleted."""
@@ -190,13 +198,33 @@ def input_source(ctx: Context, specs: list[BlockSpec], index: int) -> acts.Sourc
     if kept is not None:
         return kept
     HANDOVER.flush()  # this process's pending boundary writes and deletes land first
+    for _attempt in range(READ_ATTEMPTS):
+        try:
+            return stored_inputs(ctx, specs, index)
+        except VANISHED as err:
+            logger().info(f"block {index}: a stored boundary vanished while it was read "
+                          f"({type(err).__name__}: {err}; another run on this store deletes "
+                          "the boundaries it has used); reading again")
+    raise UserError(f"block {index}: its stored inputs vanished {READ_ATTEMPTS} times while "
+                    "they were read (other runs on this store deleting boundaries); rerun")
+
+
+def stored_inputs(ctx: Context, specs: list[BlockSpec], index: int) -> acts.Source:
+    """Block ``index``'s inputs from the store: block ``index - 1``'s boundary, else rebuilt
+    from the newest boundary still stored (or the embeddings) through the stored blocks.
+    A boundary is read into host memory at once when it fits in a quarter of what is free,
+    so that no later read can find it deleted."""
+    if index == 0:
+        return ctx.dense, 0
     found = ctx.store.get("ebft-boundary", specs[index - 1].key())
     if found:
-        return acts.open_group(Path(found.path) / ZARR_NAME), 0
+        source = acts.open_group(Path(found.path) / ZARR_NAME), 0
+        fits_host = ctx.n * ctx.seqlen * ctx.hidden * 2 <= 0.25 * checks.available_memory()
+        return acts.rows(source, 0, ctx.n) if fits_host else source
     start = index - 1  # walk back to the newest boundary still stored (or the embeddings)
     while start > 0 and not ctx.store.get("ebft-boundary", specs[start - 1].key()):
         start -= 1
-    source = input_source(ctx, specs, start)
+    source = stored_inputs(ctx, specs, start)
     for j in range(start, index):
         block_artifact = ctx.store.get("ebft-block", specs[j].key())
         if block_artifact is None:
