@@ -75,21 +75,25 @@ print(r('smollm2-135m').path)") || { step "environment failed"; exit 1; }
 
 tasks=piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa
 step "2. targets wanda-50 + zero-shot ($(left) s left)"
-timeout "$(bounded 260)" python3 bench/targets.py --work /tmp/targets --cases wanda-50 \
+timeout -k 15 "$(bounded 260)" python3 bench/targets.py --work /tmp/targets --cases wanda-50 \
     --eval-windows all --tasks "$tasks" --zeroshot-limit 500 \
     --out "$out/targets_wanda50.json" 2>&1 | tee "$out/targets_wanda50.log" | quiet | tail -20
+echo "  exit status ${PIPESTATUS[0]} (124: stopped at its time bound)" | tee -a "$out/gpu.txt"
 keep_reports
 
 step "3. targets sparsegpt-50, wanda-2:4, wanda-70 ($(left) s left)"
-timeout "$(bounded 200)" python3 bench/targets.py --work /tmp/targets \
+timeout -k 15 "$(bounded 200)" python3 bench/targets.py --work /tmp/targets \
     --cases sparsegpt-50,wanda-2:4,wanda-70 --eval-windows all \
     --out "$out/targets_rest.json" 2>&1 | tee "$out/targets_rest.log" | quiet | tail -12
+echo "  exit status ${PIPESTATUS[0]} (124: stopped at its time bound)" | tee -a "$out/gpu.txt"
 keep_reports
 step "4. TinyLlama-1.1B random weights, ebft run at the defaults ($(left) s left)"
-timeout "$(bounded 60)" python3 bench/random_model.py --config tinyllama-1.1b \
+timeout -k 15 "$(bounded 60)" python3 bench/random_model.py --config tinyllama-1.1b \
     --tokenizer "$tokenizer" --out /tmp/tinyllama --device cuda 2>&1 | tail -2
-timeout "$(bounded 170)" python3 -m flows.cli run --model /tmp/tinyllama --store /tmp/tiny-store \
+echo "  exit status ${PIPESTATUS[0]} (124: stopped at its time bound)" | tee -a "$out/gpu.txt"
+timeout -k 15 "$(bounded 170)" python3 -m flows.cli run --model /tmp/tinyllama --store /tmp/tiny-store \
     --eval-windows 16 2>&1 | tee "$out/tinyllama_run.log" | quiet | tail -25
+echo "  exit status ${PIPESTATUS[0]} (124: stopped at its time bound)" | tee -a "$out/gpu.txt"
 cp "$(ls -t /tmp/tiny-store/reports/*/report.json 2>/dev/null | head -1)" \
     "$out/tinyllama_report.json" 2>/dev/null
 

@@ -161,9 +161,9 @@ def distill_bytes(cfg: DenseConfig, meta, top: float = 1.0) -> int:
 
 def check_distill_memory(cfg: DenseConfig, meta, device: torch.device,
                          top: float = 1.0) -> None:
-    """Distillation trains the whole model at once, unlike every other stage: refuse a
-    model the device cannot hold before any stage runs, naming the ways out (the block pass
-    alone needs one block at a time)."""
+    """Distillation holds the whole model and trains its top ``top`` share of the blocks
+    at once, unlike every other stage: refuse a model the device cannot hold before any
+    stage runs, naming the ways out (the block pass alone needs one block at a time)."""
     need = distill_bytes(cfg, meta, top)
     if device.type == "cuda":  # what PyTorch's allocator holds unused is free for it too
         free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \

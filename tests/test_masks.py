@@ -135,6 +135,20 @@ def test_dsnot_never_increases_its_error_and_keeps_sparsity_exact(pattern):
         assert (groups == pattern.n).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_statistics_sums_match_float64_over_many_slices(dtype):
+    """Sums of fp32 slices of rows, joined in fp64: as exact as summing in fp64 to ~1e-7,
+    over more rows than one slice, and the count right."""
+    x = (torch.randn(3, 700, 24, generator=torch.Generator().manual_seed(0)) * 3 + 1).to(dtype)
+    acc = LayerStats(24)
+    acc.add(x[:2])
+    acc.add(x[2:])
+    ref = x.double().reshape(-1, 24)
+    assert acc.count == 2100
+    torch.testing.assert_close(acc.sum, ref.sum(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(acc.sumsq, (ref * ref).sum(0), rtol=1e-6, atol=0)
+
+
 def test_statistics_stay_on_the_inputs_device():
     """Sums live where the block runs (a GPU in practice; 'meta' stands in here), so the
     masks computed from them need no copies between devices."""

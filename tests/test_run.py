@@ -184,13 +184,18 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(mine[name], theirs[name]), name
 
 
+@pytest.mark.parametrize("deleted", ["before the read", "during the read"])
 def test_a_boundary_deleted_while_it_is_read_is_looked_for_again(
-        monkeypatch, tmp_path, model, data_dir, uninterrupted):
+        monkeypatch, tmp_path, model, data_dir, uninterrupted, deleted):
     """Two runs on one store: the other run, having trained the next block, deletes the
-    boundary this one is reading. The read is tried again on the store's new state (here:
-    nothing stored any more, so the inputs are rebuilt from the cached blocks), and the
-    weights are those of a run that never stopped."""
+    boundary this one is reading (before the read: an error; during it, once the array is
+    open: its chunks read as zeros, so the folder is checked once read). The read is tried
+    again on the store's new state (here: nothing stored any more, so the inputs are
+    rebuilt from the cached blocks), and the weights are those of a run that never
+    stopped."""
     import shutil
+
+    import numpy as np
 
     import store.activations as acts
 
@@ -201,10 +206,15 @@ def test_a_boundary_deleted_while_it_is_read_is_looked_for_again(
 
     def deleted_by_another_run(group, boundary, start, stop):
         folder = Path(str(group.store.root)).parent
-        if "ebft-boundary" in str(folder) and not vanished:
-            vanished.append(folder.name)
+        if "ebft-boundary" not in str(folder) or vanished:
+            return real_read(group, boundary, start, stop)
+        vanished.append(folder.name)
+        if deleted == "before the read":
             shutil.rmtree(folder)
-        return real_read(group, boundary, start, stop)
+            return real_read(group, boundary, start, stop)
+        array = group[acts.boundary_name(boundary)]  # open, then its chunks deleted
+        shutil.rmtree(folder)
+        return acts._as_tensor(group, np.asarray(array[start:stop]))
 
     monkeypatch.setattr(acts, "read", deleted_by_another_run)
     resumed = run_flow(cfg)

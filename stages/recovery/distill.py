@@ -3,7 +3,7 @@
 Why (issue 22): past a point the block-wise objective stops tracking the model's loss.
 SparseGPT's and ``wanda+obs``'s blocks end EBFT with 15-37% lower held-out block losses than
 Wanda's, and their models still have the higher perplexity. This step trains every kept
-weight of the blocks together (the zeros stay zero: their gradients are masked, so Adam
+weight of the blocks (``top``: of the last blocks only) together (the zeros stay zero: their gradients are masked, so Adam
 never moves them) on the calibration windows against the dense model's next-token
 distributions, KL(dense ‖ sparse), so the blocks' remaining errors are traded against each
 other where the output sees them. On SmolLM2-135M it is the step that closes half of the
@@ -126,7 +126,8 @@ def last_block_outputs(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 def trained_blocks(blocks, top: float) -> list:
     """The last ``ceil(top * len(blocks))`` blocks (at least one)."""
-    return list(blocks)[len(blocks) - max(1, math.ceil(top * len(blocks))):]
+    count = math.ceil(round(top * len(blocks), 6))  # 0.28 * 25 is 7.000000000000001
+    return list(blocks)[len(blocks) - max(1, count):]
 
 
 def trainable(model, top: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

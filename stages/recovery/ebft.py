@@ -183,10 +183,13 @@ def load_block_weights(block, artifact: Artifact) -> None:
 
 
 # A stored boundary can vanish while this process reads it: another run on the same store
-# that trained the next block deletes it. The reads are then tried again, from the store's
-# newer state, a few times.
-VANISHED = (KeyError, FileNotFoundError)
+# that trained the next block deletes it (renamed away first, then removed). The read is then
+# tried again, from the store's newer state, a few times.
 READ_ATTEMPTS = 3
+
+
+class BoundaryVanished(Exception):
+    """A stored boundary was deleted while it was read."""
 
 
 def input_source(ctx: Context, specs: list[BlockSpec], index: int) -> acts.Source:
@@ -201,26 +204,42 @@ def input_source(ctx: Context, specs: list[BlockSpec], index: int) -> acts.Sourc
     for _attempt in range(READ_ATTEMPTS):
         try:
             return stored_inputs(ctx, specs, index)
-        except VANISHED as err:
-            logger().info(f"block {index}: a stored boundary vanished while it was read "
-                          f"({type(err).__name__}: {err}; another run on this store deletes "
-                          "the boundaries it has used); reading again")
+        except BoundaryVanished as err:
+            vanished = err
+            logger().info(f"block {index}: {err} (another run on this store deletes the "
+                          "boundaries it has used); reading again")
     raise UserError(f"block {index}: its stored inputs vanished {READ_ATTEMPTS} times while "
-                    "they were read (other runs on this store deleting boundaries); rerun")
+                    "they were read (other runs on this store deleting boundaries); "
+                    "rerun") from vanished
+
+
+def read_boundary(ctx: Context, folder: Path) -> acts.Source:
+    """A stored boundary, read whole into host memory when it fits in a quarter of what is
+    free, so that no later read can find it deleted; checked to be still there after the
+    read, as a deleted boundary's chunks read as zeros. One too large is read lazily, batch
+    by batch, and a concurrent delete then fails the block (rerun it)."""
+    try:
+        source = acts.open_group(folder / ZARR_NAME), 0
+        if ctx.n * ctx.seqlen * ctx.hidden * 2 > 0.25 * checks.available_memory():
+            return source
+        rows = acts.rows(source, 0, ctx.n)
+    except (KeyError, FileNotFoundError) as err:
+        if folder.exists():
+            raise
+        raise BoundaryVanished(f"boundary {folder.name} deleted while it was read") from err
+    if not folder.exists():
+        raise BoundaryVanished(f"boundary {folder.name} deleted while it was read")
+    return rows
 
 
 def stored_inputs(ctx: Context, specs: list[BlockSpec], index: int) -> acts.Source:
     """Block ``index``'s inputs from the store: block ``index - 1``'s boundary, else rebuilt
-    from the newest boundary still stored (or the embeddings) through the stored blocks.
-    A boundary is read into host memory at once when it fits in a quarter of what is free,
-    so that no later read can find it deleted."""
+    from the newest boundary still stored (or the embeddings) through the stored blocks."""
     if index == 0:
         return ctx.dense, 0
     found = ctx.store.get("ebft-boundary", specs[index - 1].key())
     if found:
-        source = acts.open_group(Path(found.path) / ZARR_NAME), 0
-        fits_host = ctx.n * ctx.seqlen * ctx.hidden * 2 <= 0.25 * checks.available_memory()
-        return acts.rows(source, 0, ctx.n) if fits_host else source
+        return read_boundary(ctx, Path(found.path))
     start = index - 1  # walk back to the newest boundary still stored (or the embeddings)
     while start > 0 and not ctx.store.get("ebft-boundary", specs[start - 1].key()):
         start -= 1
