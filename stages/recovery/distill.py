@@ -3,12 +3,12 @@
 Why (issue 22): past a point the block-wise objective stops tracking the model's loss.
 SparseGPT's and ``wanda+obs``'s blocks end EBFT with 15-37% lower held-out block losses than
 Wanda's, and their models still have the higher perplexity. This step trains every kept
-weight of the blocks (``top``: of the last blocks only) together (the zeros stay zero: their gradients are masked, so Adam
-never moves them) on the calibration windows against the dense model's next-token
-distributions, KL(dense ‖ sparse), so the blocks' remaining errors are traded against each
-other where the output sees them. On SmolLM2-135M it is the step that closes half of the
-gap pruning opens (docs/results.md), and by default it takes the place of the block pass's
-second epoch, at the same wall time.
+weight of the blocks (``top``: of the last blocks only) together (the zeros stay zero: their
+gradients are masked, so Adam never moves them) on the calibration windows against the
+dense model's next-token distributions, KL(dense ‖ sparse), so the blocks' remaining
+errors are traded against each other where the output sees them. On SmolLM2-135M it is the
+step that closes half of the gap pruning opens (docs/results.md), and by default it takes
+the place of the block pass's second epoch, at the same wall time.
 
 The teacher is not a second model: the dense capture already holds the dense model's last
 block output for every calibration window, and the student's own final norm and head (never

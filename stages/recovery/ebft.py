@@ -220,7 +220,7 @@ def read_boundary(ctx: Context, folder: Path) -> acts.Source:
     by batch, and a concurrent delete then fails the block (rerun it)."""
     try:
         source = acts.open_group(folder / ZARR_NAME), 0
-        if ctx.n * ctx.seqlen * ctx.hidden * 2 > 0.25 * checks.available_memory():
+        if not fits(ctx, 1, free=checks.available_memory()):  # (of the host)
             return source
         rows = acts.rows(source, 0, ctx.n)
     except (KeyError, FileNotFoundError) as err:
@@ -268,10 +268,11 @@ def prefetch_dense_target(ctx: Context, chain: str, index: int) -> None:
                           lambda: acts.read(ctx.dense, index + 1, 0, ctx.n))
 
 
-def fits(ctx: Context, count: int, share: float = 0.25) -> bool:
-    """Whether ``count`` calibration boundaries (16-bit) fit in ``share`` of the free memory
-    of the training device."""
-    return count * ctx.n * ctx.seqlen * ctx.hidden * 2 <= share * free_memory(ctx.device)
+def fits(ctx: Context, count: int, share: float = 0.25, free: int | None = None) -> bool:
+    """Whether ``count`` calibration boundaries (16-bit) fit in ``share`` of ``free`` bytes
+    (default: the free memory of the training device)."""
+    free = free_memory(ctx.device) if free is None else free
+    return count * ctx.n * ctx.seqlen * ctx.hidden * 2 <= share * free
 
 
 def preload(ctx: Context, source: acts.Source, target: acts.Source, share: float = 0.25):
