@@ -589,7 +589,7 @@ def _report(args: argparse.Namespace) -> int:
     rows = reports.load_reports(paths)
     out = Path(args.out) if args.out else None
     if out is None:
-        print("\n".join(f"### {name}\n\n{reports.markdown(t)}\n"
+        print("\n".join(reports.section(name, t)
                         for name, t in reports.build_tables(rows).items()))
         return 0
     written = reports.write(rows, out, block_losses([str(p) for p in paths]))

@@ -193,3 +193,34 @@ def test_reports_from_before_the_recipe_settings_still_tabulate(sweep_result):
     del report["config"]["prune"]["layer_sparsity"], report["config"]["train"]["remask"]
     row = reports.flatten(report)
     assert row["layer_sparsity"] is None and row["remask"] is None
+
+
+def test_the_zero_shot_table_shows_dense_pruned_and_recovered(sweep_result):
+    """A recovery run with --tasks evaluates three models; `ebft report` used to show only
+    the recovered one, and a blank dense row whenever the store's first report had no
+    zero-shot (the dense row came from that report alone)."""
+    _sweep, result = sweep_result
+    paths = json.loads((Path(result["path"]) / "sweep.json").read_text())["reports"]
+    report = next(r for r in map(json.loads, map(Path.read_text, map(Path, paths)))
+                  if r["config"]["finetune"] == "ebft")
+
+    def accuracies(arc: float, piqa: float) -> dict:
+        return {"tasks": {"arc_easy": {"acc": arc}, "piqa": {"acc": piqa}},
+                "mean_acc": (arc + piqa) / 2, "limit": 500}
+
+    plain = reports.flatten(report)  # no zero-shot in this run
+    report["zeroshot"] = {"dense": accuracies(0.5, 0.65), "pruned": accuracies(0.4, 0.61),
+                          "finetuned": accuracies(0.45, 0.62)}
+    report["config"]["zeroshot"] = {"tasks": ["arc_easy", "piqa"], "limit": 500}
+    row = reports.flatten(report)
+    assert (row["dense_acc_mean"], row["pruned_acc_mean"], row["acc_mean"]) == \
+        (0.575, 0.505, 0.535)
+    table = reports.zeroshot_table(pd.DataFrame([plain, row]))
+    method = row["method"].capitalize()
+    assert [label.split(" (")[0] for label in table.index] == \
+        ["Dense", method, f"{method} w. EBFT{row['kd']}"]
+    assert list(table["mean"]) == [0.575, 0.505, 0.535]
+    assert list(table["documents"]) == [500] * 3
+    # the zero-shot settings say what was measured, not which model: no recipe of their own
+    assert reports.recipes(pd.DataFrame([plain, row])) == ["", ""]
+    assert "0.5350" in reports.section("table3_zeroshot", table)  # four digits, printed too

@@ -28,7 +28,9 @@ CELL = ("model", "method", "finetune", "sparsity", "nsamples")
 NOT_RECIPE = {"prune.method", "prune.sparsity", "prune.pattern", "finetune", "train.tune",
               "dense.model", "dense.nsamples", "dense.store", "dense.data_dir",
               "dense.batch_size", "zeroshot.batch_size", "keep_boundaries",
-              "write_boundaries", "form", "runner"}
+              "write_boundaries", "form", "runner",
+              # what was measured, not the model: the zero-shot table has a documents column
+              "zeroshot.tasks", "zeroshot.limit"}
 
 
 def computed(cfg: dict) -> dict:
@@ -80,7 +82,10 @@ def flatten(report: dict) -> dict:
     }
     zeroshot = report.get("zeroshot") or {}
     final_zs = zeroshot.get("finetuned") or zeroshot.get("pruned")
-    for label, result in (("dense", zeroshot.get("dense")), ("", final_zs)):
+    # a recovery's run evaluates its pruned model too: the row its gain is measured from
+    start_zs = zeroshot.get("pruned") if zeroshot.get("finetuned") else None
+    for label, result in (("dense", zeroshot.get("dense")), ("pruned", start_zs),
+                          ("", final_zs)):
         if result:
             prefix = f"{label}_acc" if label else "acc"
             for task, values in result["tasks"].items():
@@ -182,21 +187,34 @@ def perplexity_table(rows: pd.DataFrame, structured: bool) -> pd.DataFrame:
 
 
 def zeroshot_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Table 3: accuracy per task and the mean, dense first, one row per configuration."""
-    tasks = [c for c in rows.columns if c.startswith("acc_") and c != "acc_mean"]
+    """Table 3: accuracy per task and the mean, one row per model: the dense model (once per
+    number of documents), then each configuration's pruned model (when its run evaluated
+    it) and its recovered one. ``documents``: the first N of each task, or all."""
+    tasks = [c[4:] for c in rows.columns if c.startswith("acc_") and c != "acc_mean"]
     if not tasks:
         return pd.DataFrame()
-    first = rows.iloc[0]
-    table = {"Dense": {t[4:]: first.get(f"dense_{t}") for t in tasks}
-             | {"mean": first.get("dense_acc_mean")}}
     rows = rows.assign(recipe=recipe_column(rows), kd=_kd_column(rows))
+    if "zeroshot_limit" not in rows:
+        rows = rows.assign(zeroshot_limit=None)
+
+    def record(label: str, row: pd.Series, prefix: str) -> dict:
+        limit = row["zeroshot_limit"]
+        return {"model": label, "documents": "all" if pd.isna(limit) else int(limit)} | {
+            t: row.get(f"{prefix}_{t}") for t in tasks} | {"mean": row[f"{prefix}_mean"]}
+
+    records, dense_seen = [], set()
     for _, row in rows.dropna(subset=["acc_mean"]).iterrows():
-        label = (f"{_row_label(row['method'], row['finetune'], row['recipe'], row['kd'])} "
-                 f"({row['sparsity']})")
-        table[label] = {t[4:]: row[t] for t in tasks} | {"mean": row["acc_mean"]}
-    out = pd.DataFrame.from_dict(table, orient="index")
-    out.index.name = "model"
-    return out
+        limit = row["zeroshot_limit"]
+        if pd.notna(row.get("dense_acc_mean")) and limit not in dense_seen:
+            dense_seen.add(limit)
+            records.append(record("Dense", row, "dense_acc"))
+        recipe = f"{row['sparsity']}" + (f", {row['recipe']}" if row["recipe"] else "")
+        if pd.notna(row.get("pruned_acc_mean")):
+            records.append(record(f"{_row_label(row['method'], 'none')} ({recipe})", row,
+                                  "pruned_acc"))
+        label = _row_label(row["method"], row["finetune"], kd=row["kd"])
+        records.append(record(f"{label} ({recipe})", row, "acc"))
+    return pd.DataFrame(records).drop_duplicates().set_index("model")
 
 
 def tuning_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -249,6 +267,15 @@ def calibration_table(rows: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+# accuracies need more digits than perplexities to show a difference
+DIGITS = {"table3_zeroshot": 4}
+
+
+def section(name: str, table: pd.DataFrame) -> str:
+    """One table as a Markdown section, with its own digits."""
+    return f"### {name}\n\n{markdown(table, DIGITS.get(name, 2))}\n"
+
+
 def markdown(table: pd.DataFrame, digits: int = 2) -> str:
     """A GitHub Markdown table (written here to keep tabulate out of the dependencies)."""
     if table.empty:
@@ -294,8 +321,7 @@ def write(rows: pd.DataFrame, out: Path, block_losses: dict[str, list[dict]]) ->
     for name, table in tables.items():
         table.to_csv(out / f"{name}.csv")
         table.reset_index().to_parquet(out / f"{name}.parquet", index=False)
-        digits = 4 if name == "table3_zeroshot" else 2
-        sections.append(f"### {name}\n\n{markdown(table, digits)}\n")
+        sections.append(section(name, table))
     written = plots.draw_all(rows, block_losses, out)
     (out / "tables.md").write_text("\n".join(sections))
     return {"tables": sorted(tables), "plots": written, "markdown": "\n".join(sections)}
