@@ -73,6 +73,7 @@ VARIANTS: dict[str, list[str]] = {
     "distill-e1-lr2e-4": ["--epochs", "1", "--distill-epochs", "1", "--distill-lr", "2e-4"],
     # seventh round: distillation of the top blocks only (cheaper: no backward pass below)
     "kd-top0.5": ["--distill-epochs", "1", "--distill-top", "0.5"],
+    "start-dense": ["--start", "dense"],
 }
 
 

@@ -159,6 +159,9 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
            "on the mask stage's masks; auto: on for EBFT with sequential block and mask "
            "inputs and masks of single weights", none="auto", nargs="?", const="on",
            metavar="on|off|auto")
+    option(tune, "--start", "train.start",
+           "the weights each block trains from: method (what the mask method left, e.g. "
+           "SparseGPT's updated weights) or dense (the dense weights under the same mask)")
     option(tune, "--block-inputs", "train.block_inputs",
            "sequential (each block on the outputs of the fine-tuned blocks before it, as "
            "the paper) or dense (on the dense model's, from the capture: the blocks are "

@@ -76,6 +76,7 @@ def run_fails(capsys, model, data_dir, store: Path, *flags: str) -> str:
     (["--warmup", "1.5"], "--warmup 1.5: must be in [0, 1)"),
     (["--calibration", "wiki"], "--calibration 'wiki': choose c4 or generated"),
     (["--window", "heads"], "--window 'heads': choose block or sublayers"),
+    (["--start", "pruned"], "--start 'pruned': choose method or dense"),
     (["--remask", "--block-inputs", "dense"], "--remask chooses each mask on the fine-tuned"),
     (["--method", "flap", "--sparsity", "0.2", "--remask"], "--remask chooses single weights"),
     (["--layer-sparsity", "owl", "--pattern", "2:4"], "--layer-sparsity owl varies"),

@@ -499,3 +499,24 @@ def test_the_attention_window_stops_at_the_norm_before_the_mlp(model):
                             lambda: arch.run_block(block, x, kwargs))
     attention = block.self_attn(hidden_states=block.input_layernorm(x), **kwargs)[0]
     assert ran == [] and torch.allclose(h, x + attention, atol=1e-6)
+
+
+def test_start_dense_trains_from_the_dense_weights_under_the_method_mask(
+        tmp_path, model, data_dir, prefect_server):
+    """--start dense: a block trains from the dense weights under SparseGPT's mask, not
+    from SparseGPT's updated weights (--start method, the default). With a learning rate
+    too small to move a weight, the saved blocks are exactly where training started."""
+    prune = PruneConfig("sparsegpt", 0.5, layer_sparsity="uniform")
+    cfg = config(tmp_path / "store", model, data_dir, prune=prune)
+    cfg = replace(cfg, train=replace(cfg.train, lr=1e-12, max_epochs=1, autocast="none"),
+                  distill=replace(cfg.distill, epochs=0))
+    pruned = linear_weights(run_flow(replace(cfg, finetune="none"))["model_folder"])
+    dense = linear_weights(str(model))
+    from_method = linear_weights(run_flow(cfg)["model_folder"])
+    from_dense = linear_weights(run_flow(
+        replace(cfg, train=replace(cfg.train, start="dense")))["model_folder"])
+    for name, weight in pruned.items():
+        keep = weight != 0
+        assert not torch.allclose(weight, dense[name] * keep)  # SparseGPT moved the kept ones
+        torch.testing.assert_close(from_method[name], weight, atol=1e-6, rtol=0)
+        torch.testing.assert_close(from_dense[name], dense[name] * keep, atol=1e-6, rtol=0)

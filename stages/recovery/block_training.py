@@ -81,6 +81,11 @@ class TrainConfig:
     # the attention's weights against the dense residual stream after attention, then the
     # MLP's against the dense block output (each with its own epochs and early stop)
     window: str = "block"
+    # the weights a block trains from: "method" (what the mask method left: SparseGPT's and
+    # `+obs`'s least-squares updates on the calibration inputs) or "dense" (the dense
+    # weights under the same mask: the update dropped, the mask kept). Same for methods
+    # that only choose a mask (Wanda, magnitude)
+    start: str = "method"
 
     def validate(self, nsamples: int) -> None:
         checks = [
@@ -118,6 +123,7 @@ class TrainConfig:
             (self.schedule in SCHEDULES,
              f"--schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}"),
             (0 <= self.warmup < 1, f"--warmup {self.warmup}: must be in [0, 1)"),
+            (self.start in ("method", "dense"), f"--start {self.start!r}: choose method or dense"),
         ]
         for ok, message in checks:
             if not ok:

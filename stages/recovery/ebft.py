@@ -339,6 +339,8 @@ def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
         block, keep = ctx.remasked_block(index, source, spec.io_batch_size)
     else:
         block, keep = ctx.sparse_block(index), ctx.keep(index)
+    if cfg.start == "dense":  # the mask alone; the gates zero the pruned weights in training
+        block = ctx.dense_block(index)
     n_holdout = cfg.holdout_count(ctx.n)
     train_rows, holdout_rows = list(range(ctx.n - n_holdout)), list(range(ctx.n - n_holdout, ctx.n))
 
