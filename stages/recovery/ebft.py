@@ -120,6 +120,13 @@ class Context:
         self.masks.apply(block, index)
         return block.to(self.device)
 
+    def restore_dense_weights(self, block, index: int) -> None:
+        """Put the dense model's linear weights back into ``block`` (a method's update of
+        the kept weights undone; anything else it left, such as FLAP's biases, stays)."""
+        dense = dict(self.loader.block(index).named_modules())
+        for name, module in arch.linear_layers(block).items():
+            module.weight.data.copy_(dense[name].weight.data)
+
     def remasked_block(self, index: int, source: acts.Source, batch: int):
         """Block ``index`` pruned now, by the mask stage's method to its pattern (OWL's
         sparsity for this block included), on ``source``: the fine-tuned path's inputs.
@@ -340,7 +347,7 @@ def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
     else:
         block, keep = ctx.sparse_block(index), ctx.keep(index)
     if cfg.start == "dense":  # the mask alone; the gates zero the pruned weights in training
-        block = ctx.dense_block(index)
+        ctx.restore_dense_weights(block, index)
     n_holdout = cfg.holdout_count(ctx.n)
     train_rows, holdout_rows = list(range(ctx.n - n_holdout)), list(range(ctx.n - n_holdout, ctx.n))
 
