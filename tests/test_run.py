@@ -505,7 +505,9 @@ def test_start_dense_trains_from_the_dense_weights_under_the_method_mask(
         tmp_path, model, data_dir, prefect_server):
     """--start dense: a block trains from the dense weights under SparseGPT's mask, not
     from SparseGPT's updated weights (--start method, the default). With a learning rate
-    too small to move a weight, the saved blocks are exactly where training started."""
+    too small to move a weight, the saved blocks are exactly where training started; at a
+    real rate, a method that only chooses masks (Wanda) trains the same either way (the
+    pruned weights must start at zero: training masks only the gradients)."""
     prune = PruneConfig("sparsegpt", 0.5, layer_sparsity="uniform")
     cfg = config(tmp_path / "store", model, data_dir, prune=prune)
     cfg = replace(cfg, train=replace(cfg.train, lr=1e-12, max_epochs=1, autocast="none"),
@@ -520,3 +522,11 @@ def test_start_dense_trains_from_the_dense_weights_under_the_method_mask(
         assert not torch.allclose(weight, dense[name] * keep)  # SparseGPT moved the kept ones
         torch.testing.assert_close(from_method[name], weight, atol=1e-6, rtol=0)
         torch.testing.assert_close(from_dense[name], dense[name] * keep, atol=1e-6, rtol=0)
+    wanda = replace(cfg, prune=PruneConfig("wanda", 0.5, layer_sparsity="uniform"),
+                    train=replace(cfg.train, lr=1e-3))
+    method = run_flow(wanda)
+    start_dense = run_flow(replace(wanda, train=replace(wanda.train, start="dense")))
+    assert [b["start_loss"] for b in start_dense["blocks"]] == \
+        [b["start_loss"] for b in method["blocks"]]
+    a, b = linear_weights(method["model_folder"]), linear_weights(start_dense["model_folder"])
+    assert all(torch.equal(a[name], b[name]) for name in a)

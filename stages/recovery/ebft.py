@@ -120,12 +120,16 @@ class Context:
         self.masks.apply(block, index)
         return block.to(self.device)
 
-    def restore_dense_weights(self, block, index: int) -> None:
-        """Put the dense model's linear weights back into ``block`` (a method's update of
-        the kept weights undone; anything else it left, such as FLAP's biases, stays)."""
+    def restore_dense_weights(self, block, index: int, keep: dict[str, torch.Tensor]) -> None:
+        """Put the dense model's kept weights back into ``block``, the pruned ones zero (a
+        method's update of the kept weights undone; anything else it left, such as FLAP's
+        biases, stays). Training multiplies only gradients by the mask, so the weights must
+        start masked."""
         dense = dict(self.loader.block(index).named_modules())
         for name, module in arch.linear_layers(block).items():
-            module.weight.data.copy_(dense[name].weight.data)
+            weight = module.weight.data
+            weight.copy_(dense[name].weight.data.to(weight.device)
+                         * keep[name].to(weight.device, weight.dtype))
 
     def remasked_block(self, index: int, source: acts.Source, batch: int):
         """Block ``index`` pruned now, by the mask stage's method to its pattern (OWL's
@@ -346,8 +350,8 @@ def train_block(ctx: Context, specs: list[BlockSpec], index: int, out: Path,
         block, keep = ctx.remasked_block(index, source, spec.io_batch_size)
     else:
         block, keep = ctx.sparse_block(index), ctx.keep(index)
-    if cfg.start == "dense":  # the mask alone; the gates zero the pruned weights in training
-        ctx.restore_dense_weights(block, index)
+    if cfg.start == "dense":  # the mask alone, on the dense weights
+        ctx.restore_dense_weights(block, index, keep)
     n_holdout = cfg.holdout_count(ctx.n)
     train_rows, holdout_rows = list(range(ctx.n - n_holdout)), list(range(ctx.n - n_holdout, ctx.n))
 
