@@ -161,7 +161,8 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
            metavar="on|off|auto")
     option(tune, "--start", "train.start",
            "the weights each block trains from: method (what the mask method left, e.g. "
-           "SparseGPT's updated weights) or dense (the dense weights under the same mask)")
+           "SparseGPT's updated weights) or dense (the dense weights under the same mask)",
+           metavar="method|dense")
     option(tune, "--block-inputs", "train.block_inputs",
            "sequential (each block on the outputs of the fine-tuned blocks before it, as "
            "the paper) or dense (on the dense model's, from the capture: the blocks are "

@@ -191,11 +191,13 @@ def test_reports_from_before_the_recipe_settings_still_tabulate(sweep_result):
     path = Path(json.loads((Path(result["path"]) / "sweep.json").read_text())["reports"][0])
     report = json.loads(path.read_text())
     del report["config"]["prune"]["layer_sparsity"], report["config"]["train"]["remask"]
+    del report["config"]["train"]["start"]  # before --start: it ran as --start method does
     row = reports.flatten(report)
     assert row["layer_sparsity"] is None and row["remask"] is None
+    assert json.loads(row["config"])["train.start"] == "method"
 
 
-def test_the_zero_shot_table_shows_dense_pruned_and_recovered(sweep_result):
+def test_the_zero_shot_table_shows_dense_pruned_and_recovered(sweep_result, tmp_path):
     """A recovery run with --tasks evaluates three models; `ebft report` used to show only
     the recovered one, and a blank dense row whenever the store's first report had no
     zero-shot (the dense row came from that report alone)."""
@@ -220,7 +222,20 @@ def test_the_zero_shot_table_shows_dense_pruned_and_recovered(sweep_result):
     assert [label.split(" (")[0] for label in table.index] == \
         ["Dense", method, f"{method} w. EBFT{row['kd']}"]
     assert list(table["mean"]) == [0.575, 0.505, 0.535]
-    assert list(table["documents"]) == [500] * 3
+    assert list(table["documents"]) == ["500"] * 3
     # the zero-shot settings say what was measured, not which model: no recipe of their own
     assert reports.recipes(pd.DataFrame([plain, row])) == ["", ""]
     assert "0.5350" in reports.section("table3_zeroshot", table)  # four digits, printed too
+    # a second recovery of the same pruned model (one pruned row, not one per recovery),
+    # then that recovery on every document (a dense row per number of documents; a
+    # documents column Parquet can hold)
+    report["config"]["train"]["lr"] *= 2
+    report["zeroshot"]["finetuned"] = accuracies(0.46, 0.63)
+    second = reports.flatten(report)
+    report["zeroshot"] = {k: v | {"limit": None} for k, v in report["zeroshot"].items()}
+    rows = pd.DataFrame([plain, row, second, reports.flatten(report)])
+    table = reports.zeroshot_table(rows.assign(recipe=reports.recipes(rows)))
+    assert list(table["documents"]) == ["500", "all", "500", "500", "500", "all", "all"]
+    assert [label.split(" (")[0] for label in table.index].count(method) == 2  # one a limit
+    assert "train.lr" in table.index[3] and "train.lr" not in table.index[2]
+    table.reset_index().to_parquet(tmp_path / "t.parquet")

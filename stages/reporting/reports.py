@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -33,11 +34,24 @@ NOT_RECIPE = {"prune.method", "prune.sparsity", "prune.pattern", "finetune", "tr
               "zeroshot.tasks", "zeroshot.limit"}
 
 
+# settings of what follows the masks: they cannot change a run's pruned model
+RECOVERY_SETTINGS = ("train.", "distill.", "lora.")
+
+
+# settings added after reports were written, at the value that does what the code did
+# before (a report that lacks one ran that way)
+ADDED_LATER = {"train": {"start": "method"}}
+
+
 def computed(cfg: dict) -> dict:
     """A report's configuration less the settings that changed nothing it computed: the
     parameters of mask methods it did not run (reports name every registered method's, and
-    older ones lack those registered later) and distillation when it was off (or absent)."""
+    older ones lack those registered later) and distillation when it was off (or absent);
+    settings added later filled in (ADDED_LATER)."""
     out = {**cfg, "prune": methods_run(cfg["prune"])}
+    for section, settings in ADDED_LATER.items():
+        if section in out:
+            out[section] = settings | out[section]
     if not (cfg.get("distill") or {}).get("epochs"):
         out.pop("distill", None)
     return out
@@ -187,34 +201,47 @@ def perplexity_table(rows: pd.DataFrame, structured: bool) -> pd.DataFrame:
 
 
 def zeroshot_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Table 3: accuracy per task and the mean, one row per model: the dense model (once per
-    number of documents), then each configuration's pruned model (when its run evaluated
-    it) and its recovered one. ``documents``: the first N of each task, or all."""
+    """Table 3: accuracy per task and the mean, one row per model: the dense model first
+    (once per model, task set and number of documents), then each configuration's pruned
+    model (when its run evaluated it) and its recovered one. ``documents``: the first N of
+    each task, or all."""
     tasks = [c[4:] for c in rows.columns if c.startswith("acc_") and c != "acc_mean"]
     if not tasks:
         return pd.DataFrame()
     rows = rows.assign(recipe=recipe_column(rows), kd=_kd_column(rows))
     if "zeroshot_limit" not in rows:
         rows = rows.assign(zeroshot_limit=None)
+    rows = rows.dropna(subset=["acc_mean"])
+    several = {c: rows[c].nunique() > 1 for c in ("model", "nsamples")}
+
+    def documents(row: pd.Series) -> str:
+        return "all" if pd.isna(row["zeroshot_limit"]) else str(int(row["zeroshot_limit"]))
 
     def record(label: str, row: pd.Series, prefix: str) -> dict:
-        limit = row["zeroshot_limit"]
-        return {"model": label, "documents": "all" if pd.isna(limit) else int(limit)} | {
+        return {"model": label, "documents": documents(row)} | {
             t: row.get(f"{prefix}_{t}") for t in tasks} | {"mean": row[f"{prefix}_mean"]}
 
-    records, dense_seen = [], set()
-    for _, row in rows.dropna(subset=["acc_mean"]).iterrows():
-        limit = row["zeroshot_limit"]
-        if pd.notna(row.get("dense_acc_mean")) and limit not in dense_seen:
-            dense_seen.add(limit)
-            records.append(record("Dense", row, "dense_acc"))
-        recipe = f"{row['sparsity']}" + (f", {row['recipe']}" if row["recipe"] else "")
-        if pd.notna(row.get("pruned_acc_mean")):
-            records.append(record(f"{_row_label(row['method'], 'none')} ({recipe})", row,
-                                  "pruned_acc"))
+    def described(label: str, row: pd.Series, recipe: str) -> str:
+        parts = [row["sparsity"], *([row["model"]] if several["model"] else []),
+                 *([f"{row['nsamples']} windows"] if several["nsamples"] else []),
+                 *([recipe] if recipe else [])]
+        return f"{label} ({', '.join(parts)})"
+
+    dense, models, seen = [], [], set()
+    for _, row in rows.iterrows():
+        measured = tuple(t for t in tasks if pd.notna(row.get(f"dense_acc_{t}")))
+        if measured and (row["model"], documents(row), measured) not in seen:
+            seen.add((row["model"], documents(row), measured))
+            label = f"Dense ({row['model']})" if several["model"] else "Dense"
+            dense.append(record(label, row, "dense_acc"))
+        if pd.notna(row.get("pruned_acc_mean")):  # the recovery's settings made no change here
+            mask_recipe = ", ".join(part for part in re.split(r", (?=[\w.]+=)", row["recipe"])
+                                    if part and not part.startswith(RECOVERY_SETTINGS))
+            models.append(record(described(_row_label(row["method"], "none"), row,
+                                           mask_recipe), row, "pruned_acc"))
         label = _row_label(row["method"], row["finetune"], kd=row["kd"])
-        records.append(record(f"{label} ({recipe})", row, "acc"))
-    return pd.DataFrame(records).drop_duplicates().set_index("model")
+        models.append(record(described(label, row, row["recipe"]), row, "acc"))
+    return pd.DataFrame(dense + models).drop_duplicates().set_index("model")
 
 
 def tuning_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -250,8 +277,9 @@ def structured_table(rows: pd.DataFrame) -> pd.DataFrame:
     dense = pd.DataFrame({"sparsity": "0%", "parameters (M)": first["parameters_total"] / 1e6,
                           "fine-tuning s": 0.0, "perplexity": first["dense_ppl"]},
                          index=pd.Index(["Dense"], name="method"))
-    if "acc_mean" in part:
-        dense["zero-shot mean"] = first.get("dense_acc_mean")
+    if "acc_mean" in part:  # from a run that evaluated the dense model
+        measured = part["dense_acc_mean"].dropna() if "dense_acc_mean" in part else []
+        dense["zero-shot mean"] = measured.iloc[0] if len(measured) else None
     return pd.concat([dense, out])
 
 
