@@ -92,11 +92,12 @@ def test_a_killed_machine_s_lock_is_taken_over_and_the_run_finishes(tmp_path, da
         assert doomed.poll() is None and time.monotonic() < deadline, "no block started"
         time.sleep(0.2)
         remote.fs.invalidate_cache()
-    waiter = on_machine("two", tmp_path, s3, url, model, data_dir, "--epochs", "40",
-                        lease_s=4)
-    time.sleep(5)  # the second machine reaches the held lock and waits
+    # killed while it holds the block's lock (killing it a few seconds later, once a second
+    # machine had started, raced the tiny model's training: on a fast day it had finished)
     os.killpg(doomed.pid, signal.SIGKILL)
     doomed.wait()
+    waiter = on_machine("two", tmp_path, s3, url, model, data_dir, "--epochs", "40",
+                        lease_s=4)
     out = finished(waiter)
     assert "broke the lock on ebft-block" in out
     assert count_states(stage_states(out)["ebft"])["Completed"] >= 1
