@@ -74,6 +74,10 @@ VARIANTS: dict[str, list[str]] = {
     # seventh round: distillation of the top blocks only (cheaper: no backward pass below)
     "kd-top0.5": ["--distill-epochs", "1", "--distill-top", "0.5"],
     "start-dense": ["--start", "dense"],
+    # for a SparseGPT start (issue 22's "at least as good as Wanda"): its own settings
+    "remask-off": ["--remask", "off"],
+    "mask-dense": ["--mask-inputs", "dense"],  # remask auto is then off
+    "percdamp0.1": ["--percdamp", "0.1"],
 }
 
 
