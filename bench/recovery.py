@@ -78,6 +78,7 @@ VARIANTS: dict[str, list[str]] = {
     "remask-off": ["--remask", "off"],
     "mask-dense": ["--mask-inputs", "dense"],  # remask auto is then off
     "percdamp0.1": ["--percdamp", "0.1"],
+    "sgpt-row": ["--sparsegpt-group", "row"],
 }
 
 

@@ -47,6 +47,8 @@ def run_fails(capsys, model, data_dir, store: Path, *flags: str) -> str:
     (["--method", "wanda+dsnot", "--dsnot-cycles", "-5"], "--dsnot-cycles -5: must be >= 0"),
     (["--method", "sparsegpt", "--percdamp", "-1"], "--percdamp -1.0: must be in (0, 1]"),
     (["--method", "sparsegpt", "--blocksize", "0"], "--blocksize 0: must be at least 1"),
+    (["--method", "sparsegpt", "--sparsegpt-group", "col"],
+     "--sparsegpt-group 'col': choose block or row"),
     (["--nsamples", "-3"], "--nsamples -3: must be a positive"),
     (["--nsamples", "-3", "--holdout", "0.5"], "--nsamples -3"),  # the flag, not --holdout
     (["--train-seed", "-1"], "--train-seed -1: must be >= 0"),

@@ -89,6 +89,23 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_keeps_exact_sparsity(patte
     assert reconstruction_error(w, sgpt.weight, x) < reconstruction_error(w, w * wanda_keep, x)
 
 
+@pytest.mark.parametrize("sparsity", [0.5, 0.47])
+def test_sparsegpt_row_group_prunes_each_rows_share_and_still_reconstructs_better(sparsity):
+    """``--sparsegpt-group row``: every output row keeps the same number of inputs (as
+    Wanda's), where the paper's block group lets rows of large weights keep more."""
+    x = correlated_inputs(features=200)
+    w = weight(32, 200) * torch.linspace(0.2, 3, 32).unsqueeze(1)  # rows of unequal scale
+    stats = stats_of(x)
+    pattern = parse_pattern(sparsity)
+    by_row = sparsify("sparsegpt", w, pattern, group="row", blocksize=64, **stats)
+    by_block = sparsify("sparsegpt", w, pattern, blocksize=64, **stats)
+    assert ((~by_row.keep).sum(dim=1) == int(200 * sparsity)).all()
+    assert len(set((~by_block.keep).sum(dim=1).tolist())) > 1  # the paper's group is uneven
+    assert torch.equal(by_row.weight != 0, by_row.keep)
+    wanda_keep = sparsify("wanda", w, pattern, **stats).keep
+    assert reconstruction_error(w, by_row.weight, x) < reconstruction_error(w, w * wanda_keep, x)
+
+
 @pytest.mark.parametrize("pattern", [parse_pattern(0.5), parse_pattern(0, "2:4")])
 def test_obs_update_keeps_the_given_mask_and_lowers_its_error(pattern):
     """``wanda+obs``: Wanda's mask exactly, with SparseGPT's update of the kept weights."""

@@ -4,6 +4,11 @@ The layer's inputs X give the Hessian H = XᵀX of the reconstruction loss ||WX 
 Columns are visited left to right in blocks of ``blocksize``; within a block the mask is
 chosen by the OBS saliency w² / [H⁻¹]_jj², and each pruned weight's error is spread over the
 not-yet-visited columns through the Cholesky factor of H⁻¹, so the kept weights compensate.
+
+Which weights of a block compete for its pruned share is ``group``: ``block`` (the paper) ranks
+all rows of the block together, so rows of large weights keep more than rows of small ones;
+``row`` prunes each row's share of the block alone, Wanda's per-output comparison group (Sun
+et al., 2023: it matters for LLMs), so every output keeps the same number of inputs.
 """
 
 from __future__ import annotations
@@ -36,13 +41,21 @@ class SparseGPT(MaskMethod):
     flags: ClassVar[dict[str, str]] = {"blocksize": "--blocksize", "percdamp": "--percdamp"}
     blocksize: int = param(128, "columns pruned and updated together")
     percdamp: float = param(0.01, "dampening λ of the Hessian, a fraction of its mean diagonal")
+    group: str = param("block", "the weights that compete for a column block's pruned share: "
+                       "block (all its rows, as the paper) or row (each row alone, as Wanda)")
 
     def __call__(self, weight: torch.Tensor, pattern: Pattern, *, hessian: torch.Tensor,
                  **_) -> Pruned:
-        return sparsegpt(weight, pattern, hessian, self.blocksize, self.percdamp)
+        return sparsegpt(weight, pattern, hessian, self.blocksize, self.percdamp,
+                         per_row=self.group == "row")
 
     def problems(self) -> list[str]:
-        return update_problems(self)
+        group = ([] if self.group in GROUPS else
+                 [f"{self.flag('group')} {self.group!r}: choose {' or '.join(GROUPS)}"])
+        return group + update_problems(self)
+
+
+GROUPS = ("block", "row")
 
 
 def update_problems(method: SparseGPT | OBS) -> list[str]:
@@ -57,9 +70,11 @@ def update_problems(method: SparseGPT | OBS) -> list[str]:
 
 def sparsegpt(weight: torch.Tensor, pattern: Pattern, hessian: torch.Tensor,
               blocksize: int = 128, percdamp: float = 0.01,
-              keep: torch.Tensor | None = None) -> Pruned:
+              keep: torch.Tensor | None = None, per_row: bool = False) -> Pruned:
     """hessian: Σ x xᵀ over calibration tokens (any positive scale: only ratios matter).
-    ``keep``: a mask chosen already (by another method): only the update, no choice."""
+    ``keep``: a mask chosen already (by another method): only the update, no choice.
+    ``per_row``: each row prunes its own share of every column block (else all rows'
+    weights of the block compete); N:M patterns are per row anyway."""
     w = weight.detach().float().clone()
     cols = w.shape[1]
     if pattern.is_nm:
@@ -75,10 +90,15 @@ def sparsegpt(weight: torch.Tensor, pattern: Pattern, hessian: torch.Tensor,
         drop1 = torch.zeros_like(w1, dtype=torch.bool)
         if keep is not None:
             drop1 = ~keep[:, start:stop].to(w.device)
-        elif not pattern.is_nm:  # this block's share of pruned weights, chosen over all rows
+        elif not pattern.is_nm:  # this block's share of pruned weights
             saliency = w1**2 / torch.diag(u1).reshape(1, -1) ** 2
-            n_drop = int(saliency.numel() * pattern.sparsity)
-            drop1.view(-1)[saliency.flatten().topk(n_drop, largest=False).indices] = True
+            if per_row:  # counted cumulatively, so a row's total is int(cols · sparsity)
+                n_drop = int(stop * pattern.sparsity) - int(start * pattern.sparsity)
+                lowest = saliency.topk(n_drop, dim=1, largest=False).indices
+                drop1.scatter_(1, lowest, True)
+            else:
+                n_drop = int(saliency.numel() * pattern.sparsity)
+                drop1.view(-1)[saliency.flatten().topk(n_drop, largest=False).indices] = True
         for i in range(stop - start):
             if keep is None and pattern.is_nm and i % pattern.m == 0:
                 group = w1[:, i:i + pattern.m] ** 2 / torch.diag(u1)[i:i + pattern.m] ** 2
