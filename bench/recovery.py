@@ -79,6 +79,10 @@ VARIANTS: dict[str, list[str]] = {
     "mask-dense": ["--mask-inputs", "dense"],  # remask auto is then off
     "percdamp0.1": ["--percdamp", "0.1"],
     "sgpt-row": ["--sparsegpt-group", "row"],
+    "percdamp0.3": ["--percdamp", "0.3"],
+    "sgpt-row-percdamp0.1": ["--sparsegpt-group", "row", "--percdamp", "0.1"],
+    "percdamp1": ["--percdamp", "1"],
+    "sgpt-row-percdamp0.3": ["--sparsegpt-group", "row", "--percdamp", "0.3"],
 }
 
 

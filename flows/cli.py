@@ -94,7 +94,7 @@ def add_method_flags(prune) -> None:
     for name, cls in sorted(METHODS.items()):
         for f in fields(cls):
             option(prune, cls.flag(f.name), f"prune.{name}.{f.name}",
-                   f"{cls.__name__}: {f.metadata.get('help', f.name)}")
+                   f"{cls.__name__}: {f.metadata.get('help', f.name)}", none="auto")
 
 
 def add_run_flags(run: argparse.ArgumentParser) -> None:
@@ -482,6 +482,9 @@ def refuse_ignored(cfg, given: dict[str, tuple[str, object]]) -> None:
     if is_structured(cfg.prune.method):
         refuse(("prune.mask_inputs",), f"--method {cfg.prune.method} scores every block on "
                                        "the dense capture")
+    if cfg.prune.pattern:
+        refuse(("prune.sparsegpt.group",), f"--pattern {cfg.prune.pattern} prunes within "
+                                           "each row's groups of M already")
     if cfg.runner.task_runner != "threads":
         refuse(("runner.workers",), "it is the thread runner's width; the cluster decides")
     else:

@@ -19,6 +19,7 @@ from typing import Any
 
 from stages.errors import UserError
 from stages.masks import METHODS, is_structured, methods_run
+from stages.masks.methods.sparsegpt import BEFORE_EBFT_PERCDAMP, PAPER_PERCDAMP
 from stages.recovery.block_training import TrainConfig
 from stages.recovery.distill import DistillSettings
 from stages.recovery.lora import LoraSettings
@@ -124,7 +125,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": {"dense.nsamples": 256, "dense.eval_windows": None, "train.max_epochs": 10,
               "train.batch_size": 8, "train.lr": 2e-4, "prune.layer_sparsity": "uniform",
-              "train.remask": False, "distill.epochs": 0},
+              "train.remask": False, "distill.epochs": 0,
+              "prune.sparsegpt.percdamp": PAPER_PERCDAMP},
 }
 
 
@@ -139,9 +141,10 @@ def settled(cfg: RunConfig) -> RunConfig:
     """``cfg`` with its "auto" choices made, from the rest of it (issue 22 measured both as
     gains on held-out data): OWL block sparsities wherever one unstructured sparsity is asked
     for and OWL's spread fits inside it, and re-masking wherever EBFT trains the blocks one
-    after another on masks of single weights. Distillation is off where no recovery trains
-    the weights. A choice given explicitly is kept, so that ``prepare`` refuses one that
-    does not apply."""
+    after another on masks of single weights. SparseGPT's dampening: heavier where EBFT
+    trains the weights after it, the paper's otherwise. Distillation is off where no
+    recovery trains the weights. A choice given explicitly is kept, so that ``prepare``
+    refuses one that does not apply."""
     prune, train = cfg.prune, cfg.train
     if prune.layer_sparsity == "auto":
         owl = why_no_owl(replace(prune, layer_sparsity="owl")) is None
@@ -156,6 +159,10 @@ def settled(cfg: RunConfig) -> RunConfig:
     trains_weights = cfg.finetune == "lora" or (cfg.finetune == "ebft"
                                                 and cfg.train.tune == "weights")
     distill = cfg.distill if trains_weights else DistillSettings(epochs=0)
+    if prune.sparsegpt.percdamp is None:
+        before_ebft = cfg.finetune == "ebft" and cfg.train.tune == "weights"
+        percdamp = BEFORE_EBFT_PERCDAMP if before_ebft else PAPER_PERCDAMP
+        prune = replace(prune, sparsegpt=replace(prune.sparsegpt, percdamp=percdamp))
     return replace(cfg, prune=prune, train=train, distill=distill)
 
 
@@ -205,11 +212,18 @@ def _set(obj: Any, parts: list[str], value: Any, path: str) -> Any:
     return replace(obj, **{parts[0]: value})
 
 
+# numeric settings whose None is "auto", decided by ``settled`` (and given as the word)
+SETTLED_FLOATS = ("prune.sparsegpt.percdamp", "--percdamp")
+
+
 def convert(raw: str, hint: Any, name: str) -> Any:
     """A command-line string as a value of the field's type (bool: on/off, true/false)."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if type(None) in options and raw.lower() in ("none", "null", "all"):
         return None
+    settled_here = name.split()[-1] in SETTLED_FLOATS  # a flag, "--set path" or a path
+    if settled_here and raw.lower() == "auto":
+        return None  # decided from the rest of the configuration (``settled``)
     if options == (bool, type(None)) and raw.lower() == "auto":  # on, off, or decided
         return None
     target = next(t for t in options if t is not type(None))
@@ -223,6 +237,7 @@ def convert(raw: str, hint: Any, name: str) -> Any:
         return target(raw)
     except (KeyError, ValueError):
         kind = "on, off or auto" if target is bool and type(None) in options else _kind(target)
+        kind += " or auto" if settled_here else ""
         raise UserError(f"{name} {raw!r}: not {kind}") from None
 
 

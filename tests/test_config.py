@@ -89,6 +89,8 @@ def test_every_parameter_of_every_method_is_a_flag_and_a_setting():
     (["--set", "prune.sparsegpt.percdamp=0.02"], ("--set prune.sparsegpt.percdamp would be "
                                                   "ignored")),
     (["--method", "sparsegpt", "--ria-power", "1"], "--ria-power would be ignored"),
+    (["--method", "sparsegpt", "--pattern", "2:4", "--sparsegpt-group", "row"],
+     "--sparsegpt-group would be ignored: --pattern 2:4 prunes within each row's groups"),
     (["--finetune", "none", "--set", "train.tolerance=0.1"], "--finetune none trains nothing"),
     (["--method", "flap", "--mask-inputs", "dense"], "--mask-inputs would be ignored"),
 ])
@@ -157,3 +159,23 @@ def test_auto_choices_settle_from_the_rest_of_the_configuration():
     paper = settled(build_config("paper"))
     assert (paper.prune.layer_sparsity, paper.train.remask) == ("uniform", False)
     assert settled(settled(RunConfig())) == settled(RunConfig())
+
+
+def test_sparsegpt_dampening_is_heavier_only_where_ebft_trains_the_weights_after():
+    """auto: 0.3 before EBFT on the weights (a better start, measured), the paper's 0.01
+    for a pruned model alone, EBFT on the mask, LoRA and the paper preset; a value given
+    is kept, and the CLI reads "auto"."""
+    from flows.config import settled
+
+    def percdamp(preset="default", **sets):
+        return settled(build_config(preset, {"prune.method": "sparsegpt"} | sets)
+                       ).prune.sparsegpt.percdamp
+
+    assert RunConfig().prune.sparsegpt.percdamp is None
+    assert percdamp() == 0.3
+    assert percdamp(finetune="none") == percdamp(finetune="lora") == 0.01
+    assert percdamp(**{"train.tune": "mask"}) == 0.01
+    assert percdamp("paper") == 0.01
+    assert percdamp(**{"prune.sparsegpt.percdamp": 0.05}) == 0.05
+    cfg, _ = parse("--method", "sparsegpt", "--percdamp", "auto")
+    assert cfg.prune.sparsegpt.percdamp is None and settled(cfg).prune.sparsegpt.percdamp == 0.3

@@ -188,6 +188,8 @@ def test_the_mask_key_holds_only_the_parameters_the_method_reads():
     assert replace(sparsegpt, params={"sparsegpt": {"percdamp": 0.02}}).key() != sparsegpt.key()
     assert replace(sparsegpt, params={"dsnot": {"cycles": 5}}).key() == sparsegpt.key()
     # a parameter given at its default is the same masks
+    assert replace(sparsegpt, params={"sparsegpt": {"blocksize": 128}}).key() == sparsegpt.key()
+    # unsettled ("auto") SparseGPT computes with the paper's dampening: the same key
     assert replace(sparsegpt, params={"sparsegpt": {"percdamp": 0.01}}).key() == sparsegpt.key()
     dsnot = MaskSpec("model", "acts", method="sparsegpt+dsnot")
     assert replace(dsnot, params={"dsnot": {"cycles": 5}}).key() != dsnot.key()

@@ -410,6 +410,9 @@ def test_prefect_yaml_deployment_parameters_are_valid_configs(monkeypatch):
     assert paper.base.train == preset.train and paper.base.dense.eval_windows is None
     assert paper.base.distill == preset.distill and preset.distill.epochs == 0
     assert paper.base.dense.nsamples == preset.dense.nsamples == 256
+    assert paper.base.prune.sparsegpt == preset.prune.sparsegpt  # the paper's dampening
+    # the nightly rows are the paper's method: one SparseGPT mask with and without EBFT
+    assert nightly["sweep"].base.prune.sparsegpt.percdamp == 0.01
     # the nightly main job is the default preset
     assert (cfg.train, cfg.distill) == (build_config().train, build_config().distill)
     assert nightly["sweep"].base.distill.epochs == 0  # the paper's rows: EBFT alone
@@ -508,7 +511,8 @@ def test_start_dense_trains_from_the_dense_weights_under_the_method_mask(
     too small to move a weight, the saved blocks are exactly where training started; at a
     real rate, a method that only chooses masks (Wanda) trains the same either way (the
     pruned weights must start at zero: training masks only the gradients)."""
-    prune = PruneConfig("sparsegpt", 0.5, layer_sparsity="uniform")
+    prune = PruneConfig("sparsegpt", 0.5, layer_sparsity="uniform")  # one dampening for both
+    prune = replace(prune, sparsegpt=replace(prune.sparsegpt, percdamp=0.01))
     cfg = config(tmp_path / "store", model, data_dir, prune=prune)
     cfg = replace(cfg, train=replace(cfg.train, lr=1e-12, max_epochs=1, autocast="none"),
                   distill=replace(cfg.distill, epochs=0))

@@ -184,6 +184,29 @@ def test_a_store_with_two_recipes_of_one_cell_shows_both():
     assert reports.recipes(twins) == ["", ""]
 
 
+def test_sparsegpt_rows_name_their_dampening_where_the_recovery_settled_another():
+    """--percdamp auto: SparseGPT without recovery at 0.01, before EBFT at 0.3. Table 1's
+    pruned row is then not the EBFT row's start, and both rows say so; rows whose masks
+    agree (Wanda, or a refiner's own method) keep plain labels."""
+    def row(method: str, finetune: str, ppl: float, **prune) -> dict:
+        settings = {"prune.method": method, "dense.seed": 0, "train.lr": 2e-3} | {
+            f"prune.{k.replace('__', '.')}": v for k, v in prune.items()}
+        return {"model": "m", "method": method.split("+")[0], "finetune": finetune,
+                "sparsity": "50%", "nsamples": 16, "structured": False, "ppl": ppl,
+                "dense_ppl": 9.0, "config": json.dumps(settings, sort_keys=True)}
+
+    rows = pd.DataFrame([
+        row("sparsegpt", "none", 40.0, sparsegpt__percdamp=0.01),
+        row("sparsegpt", "ebft", 30.0, sparsegpt__percdamp=0.3),
+        row("wanda", "none", 41.0), row("wanda+dsnot", "dsnot", 39.0, dsnot__cycles=50),
+        row("wanda", "ebft", 29.0)])
+    assert reports.recipes(rows) == ["prune.sparsegpt.percdamp=0.01",
+                                     "prune.sparsegpt.percdamp=0.3", "", "", ""]
+    table = reports.perplexity_table(rows.assign(recipe=reports.recipes(rows)), False)
+    assert "Sparsegpt [prune.sparsegpt.percdamp=0.01]" in table.index
+    assert table.loc["Sparsegpt w. EBFT [prune.sparsegpt.percdamp=0.3]", "50%"] == 30.0
+
+
 def test_reports_from_before_the_recipe_settings_still_tabulate(sweep_result):
     """A report written before OWL and re-masking existed lacks their settings: one such
     report used to make `ebft report` fail for the whole store."""

@@ -49,6 +49,11 @@ class MaskMethod:
         """What is wrong with the parameters, each as a one-line message naming the flag."""
         return []
 
+    def resolved(self) -> MaskMethod:
+        """The method with what a run leaves "auto" (None) at the value it computes with
+        when nothing settled it: what the mask key holds, so that equal masks share a key."""
+        return self
+
     @classmethod
     def flag(cls, name: str) -> str:
         return cls.flags.get(name) or f"--{cls.name}-{name.replace('_', '-')}"

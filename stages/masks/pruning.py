@@ -83,7 +83,7 @@ class MaskSpec(Spec):
         if self.layer_sparsity == "uniform":
             fields.pop("owl_threshold")
             fields.pop("owl_limit")
-        return {**fields, "params": {m.name: asdict(m) for m in self.methods()}}
+        return {**fields, "params": {m.name: asdict(m.resolved()) for m in self.methods()}}
 
     def code_modules(self) -> list:
         """This stage's code and that of the methods it runs (found by name, not imported),

@@ -36,11 +36,25 @@ NOT_RECIPE = {"prune.method", "prune.sparsity", "prune.pattern", "finetune", "tr
 
 # settings of what follows the masks: they cannot change a run's pruned model
 RECOVERY_SETTINGS = ("train.", "distill.", "lora.")
+MASK_SETTINGS = "prune."
 
 
 # settings added after reports were written, at the value that does what the code did
 # before (a report that lacks one ran that way)
-ADDED_LATER = {"train": {"start": "method"}}
+ADDED_LATER = {"train": {"start": "method"}, "prune": {"sparsegpt": {"group": "block"}}}
+
+
+def _with_defaults(section: dict, defaults: dict) -> dict:
+    """``section`` with what ``defaults`` names filled in where it is absent, at any depth
+    (only under keys the section has: a method's parameters only where it ran)."""
+    out = dict(section)
+    for name, value in defaults.items():
+        if isinstance(value, dict):
+            if isinstance(out.get(name), dict):
+                out[name] = _with_defaults(out[name], value)
+        else:
+            out.setdefault(name, value)
+    return out
 
 
 def computed(cfg: dict) -> dict:
@@ -51,7 +65,7 @@ def computed(cfg: dict) -> dict:
     out = {**cfg, "prune": methods_run(cfg["prune"])}
     for section, settings in ADDED_LATER.items():
         if section in out:
-            out[section] = settings | out[section]
+            out[section] = _with_defaults(out[section], settings)
     if not (cfg.get("distill") or {}).get("epochs"):
         out.pop("distill", None)
     return out
@@ -134,14 +148,26 @@ def recipes(rows: pd.DataFrame) -> list[str]:
     masked and compact) share a label: they measure the same thing."""
     rows = rows.reset_index(drop=True)
     settings = [json.loads(c) for c in rows["config"]]
-    differ: set[str] = set()
-    for positions in rows.groupby(list(CELL), sort=False, dropna=False).indices.values():
-        if len(positions) > 1:
-            differ |= {k for k in set().union(*(settings[i] for i in positions))
-                       if len({json.dumps(settings[i].get(k), sort_keys=True)
-                               for i in positions}) > 1}
+
+    def differing(by: list[str], only: str = "") -> set[str]:
+        out: set[str] = set()
+        for positions in rows.groupby(by, sort=False, dropna=False).indices.values():
+            if len(positions) > 1:
+                out |= {k for k in set().union(*(settings[i] for i in positions))
+                        if k.startswith(only) and len({json.dumps(settings[i].get(k),
+                                                                  sort_keys=True)
+                                                       for i in positions}) > 1}
+        return out
+
+    differ = differing(list(CELL))
+    # the masks of one mask method's rows with and without recovery, where they differ
+    # (SparseGPT's dampening is settled by the recovery): the pruned row is not the
+    # recovery's start (a refiner, e.g. +dsnot, is a recovery column with its own masks)
+    rows = rows.assign(_masks=[s.get("prune.method") for s in settings])
+    differ |= differing([c for c in CELL if c != "finetune"] + ["_masks"], only=MASK_SETTINGS)
     keys = sorted(differ)
-    return [", ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
+    # a setting a row does not have (a method it does not run) is left out of its label
+    return [", ".join(f"{k}={s[k]}" for k in keys if k in s) for s in settings]
 
 
 def load_reports(paths: list[Path]) -> pd.DataFrame:
