@@ -35,8 +35,14 @@ def ebft_run(model: Path, store: Path, data_dir: Path, epochs: int = 40) -> subp
     """`ebft run` in its own process (and its own ephemeral Prefect server)."""
     args = [sys.executable, "-m", "flows.cli", *run_flags(model, store, data_dir, epochs)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Ctrl-C as in a terminal, even where the suite runs in the background: a shell without
+    # job control starts background commands with SIGINT ignored, and Python keeps that
+    def in_a_terminal():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=in_a_terminal)
 
 
 def finished(process: subprocess.Popen, timeout: float = 600) -> str:
