@@ -42,7 +42,7 @@ def ebft_run(model: Path, store: Path, data_dir: Path, epochs: int = 40) -> subp
 
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=in_a_terminal)
+                            preexec_fn=in_a_terminal)  # noqa: PLW1509 (one signal call)
 
 
 def finished(process: subprocess.Popen, timeout: float = 600) -> str:
