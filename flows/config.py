@@ -156,12 +156,11 @@ def settled(cfg: RunConfig) -> RunConfig:
                         and not is_structured(prune.method))
     # distillation trains the weights: after a recovery that trains them too (not after
     # --finetune none, nor after --tune mask, whose recovered weights are the dense ones)
-    trains_weights = cfg.finetune == "lora" or (cfg.finetune == "ebft"
-                                                and cfg.train.tune == "weights")
+    ebft_trains_weights = cfg.finetune == "ebft" and cfg.train.tune == "weights"
+    trains_weights = cfg.finetune == "lora" or ebft_trains_weights
     distill = cfg.distill if trains_weights else DistillSettings(epochs=0)
     if prune.sparsegpt.percdamp is None:
-        before_ebft = cfg.finetune == "ebft" and cfg.train.tune == "weights"
-        percdamp = BEFORE_EBFT_PERCDAMP if before_ebft else PAPER_PERCDAMP
+        percdamp = BEFORE_EBFT_PERCDAMP if ebft_trains_weights else PAPER_PERCDAMP
         prune = replace(prune, sparsegpt=replace(prune.sparsegpt, percdamp=percdamp))
     return replace(cfg, prune=prune, train=train, distill=distill)
 
@@ -213,7 +212,7 @@ def _set(obj: Any, parts: list[str], value: Any, path: str) -> Any:
 
 
 # numeric settings whose None is "auto", decided by ``settled`` (and given as the word)
-SETTLED_FLOATS = ("prune.sparsegpt.percdamp", "--percdamp")
+SETTLED_FLOATS = ("prune.sparsegpt.percdamp", METHODS["sparsegpt"].flag("percdamp"))
 
 
 def convert(raw: str, hint: Any, name: str) -> Any:
